@@ -1,0 +1,280 @@
+"""``gsr_compile``: the entry point, and the module it returns."""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from .config import GSRConfig
+from .errors import GSRCompileError
+from .passes.find_residual_chains import FindResidualChains
+from .passes.functional_dropout_to_module import FunctionalDropoutToModule
+from .passes.narrow_width import supported_module_names
+from .passes.propagate_shapes import PropagateShapes
+from .passes.reversible_rewrite import ReversibleRewrite
+from .report import ChainReport, CompileReport
+from .tracer import split_call_arguments, trace
+
+_CONCRETE_TYPES = (type(None), bool, int, float, str)
+
+
+def _specialization(concrete: dict[str, Any]) -> tuple:
+    """A hashable key for the non-tensor arguments a graph was traced with."""
+    def ok(v):
+        return isinstance(v, _CONCRETE_TYPES) or (
+            isinstance(v, tuple) and all(isinstance(x, _CONCRETE_TYPES) for x in v)
+        )
+    for name, value in concrete.items():
+        if not ok(value):
+            raise GSRCompileError(
+                f"argument '{name}' is a {type(value).__name__}; gsr_compile traces tensor "
+                "arguments and specializes on None, bool, int, float and str ones. Pass the "
+                "tensors themselves (e.g. data.x, data.edge_index) instead."
+            )
+    return tuple(sorted(concrete.items()))
+
+
+def _count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+class GSRModule(nn.Module):
+    """A model compiled to GSR form. Behaves like the original ``nn.Module``.
+
+    Tracing happens on the first call (with the real inputs), or at construction when
+    ``example_inputs`` is given, and again when the mode (``train()``/``eval()``) or a
+    non-tensor argument changes. All traces share one set of parameters.
+    """
+
+    def __init__(self, model: nn.Module, config: GSRConfig,
+                 example_inputs: tuple | None = None, example_kwargs: dict | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise GSRCompileError(f"gsr_compile expects an nn.Module, got {type(model).__name__}")
+        self.config = config
+        self.source = model  # registered until compiled, so .to()/.train() reach it
+        self.compiled: fx.GraphModule | None = None
+        self.__dict__["_graphs"] = {}
+        self.__dict__["_reports"] = {}
+        self.__dict__["_registry"] = {}
+        self.__dict__["_last_key"] = None
+        self.train(model.training)
+        if example_inputs is not None:
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            self._graph_for(args, example_kwargs or {})
+
+    # -- calling -----------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        gm, values = self._graph_for(args, kwargs)
+        return gm(*values)
+
+    def _graph_for(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list]:
+        source = self._source_model
+        _, concrete, _ = split_call_arguments(source, args, kwargs)
+        bound = _bind(source, args, kwargs)
+        key = (self.training, _specialization(concrete))
+        gm = self._graphs.get(key)
+        if gm is None:
+            gm = self._compile(key, concrete, bound)
+        if gm.training != self.training:
+            gm.train(self.training)
+        self.__dict__["_last_key"] = key
+        return gm, bound
+
+    def _compile(self, key, concrete: dict, values: list) -> fx.GraphModule:
+        start = time.perf_counter()
+        mode = key[0]
+        source = self._source_model
+        was_training = source.training
+        source.train(mode)
+        try:
+            gm = trace(source, concrete)
+        finally:
+            source.train(was_training)
+        gm.train(mode)
+        config = self.config
+        finder = FindResidualChains(config.groups, config.min_chain_blocks)
+        passes = [
+            FunctionalDropoutToModule(mode),
+            PropagateShapes([v for v in values]),
+            finder,
+            ReversibleRewrite(finder, config.groups, self._registry),
+        ]
+        PassManager(passes=passes, run_checks_after_each_pass=True)(gm)
+        report = self._report(gm, passes, finder, mode, time.perf_counter() - start)
+        if config.strict and (report.not_converted or not report.chains):
+            raise GSRCompileError(
+                "strict=True and the model was not fully converted:\n"
+                + "\n".join(f"  {w}: {r}" for w, r in report.not_converted)
+                + f"\nsupported modules: {', '.join(supported_module_names())}"
+            )
+        gm = self._adopt(gm)
+        gm.train(mode)
+        self._graphs[key] = gm
+        self._reports[key] = report
+        return gm
+
+    def _adopt(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """Makes ``gm`` share the parameters of the first compiled graph."""
+        if self.compiled is None:
+            source = self._source_model
+            del self._modules["source"]
+            self.__dict__["_source"] = source
+            self.compiled = gm
+            return gm
+        root = self.compiled
+        for node in gm.graph.nodes:
+            if node.op not in ("call_module", "get_attr"):
+                continue
+            mine = _get_attr_or_none(gm, node.target)
+            theirs = _get_attr_or_none(root, node.target)
+            if theirs is mine:
+                continue
+            stateless = isinstance(mine, nn.Module) and not any(True for _ in mine.parameters()) \
+                and not any(True for _ in mine.buffers())
+            if theirs is None and stateless:
+                root.add_submodule(node.target, mine)
+            elif not (stateless and type(theirs) is type(mine) and repr(theirs) == repr(mine)):
+                raise GSRCompileError(
+                    f"'{node.target}' differs between traces (train/eval mode or non-tensor "
+                    "arguments change which layers run); gsr_compile needs one set of layers "
+                    "for every mode. Move the mode-dependent choice inside a submodule."
+                )
+        return fx.GraphModule(root, gm.graph, gm.__class__.__name__)
+
+    def _report(self, gm, passes, finder, mode: bool, seconds: float) -> CompileReport:
+        report = CompileReport(model_name=type(self._source_model).__name__,
+                               mode="train" if mode else "eval", compile_seconds=seconds)
+        for p in passes:
+            report.passes.append((type(p).__name__, list(getattr(p, "notes", []))))
+        rewrite = passes[-1]
+        for chain, name in zip(finder.chains, rewrite.chain_names):
+            side = []
+            for b in chain.blocks:
+                side += [s.name for s in b.side_inputs if s.name not in side]
+            report.chains.append(ChainReport(
+                name=name, first_module=chain.first_module, last_module=chain.last_module,
+                depth=len(chain.blocks), width=chain.width, groups=self.config.groups,
+                side_inputs=side, stored_bytes_plain=chain.stored_bytes_plain(),
+                stored_bytes_reversible=chain.stored_bytes_reversible(),
+            ))
+        report.not_converted = list(finder.rejected)
+        if not finder.chains and not finder.rejected:
+            report.not_converted.append(
+                ("model", "no residual addition h + f(h) with a branch f of the same width was found")
+            )
+        report.params_before = _count_parameters(self._source_model)
+        report.params_after = _count_parameters(gm)
+        return report
+
+    # -- inspection --------------------------------------------------------------------
+
+    @property
+    def _source_model(self) -> nn.Module:
+        return self._modules["source"] if "source" in self._modules else self.__dict__["_source"]
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.compiled is not None
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The rewritten torch.fx GraphModule last run (or for the current mode)."""
+        if not self._graphs:
+            raise GSRCompileError(
+                "not compiled yet: call the model once, or pass example_inputs= to gsr_compile"
+            )
+        for key in (self._last_key, *self._graphs):
+            if key in self._graphs and key[0] == self.training:
+                return self._graphs[key]
+        return self._graphs[self._last_key]
+
+    @property
+    def report(self) -> CompileReport:
+        """The structured form of ``explain()`` for the graph last run."""
+        self.graph_module  # raises when not compiled
+        key = next(k for k, g in self._graphs.items() if g is self.graph_module)
+        return self._reports[key]
+
+    def explain(self) -> str:
+        """What was rewritten, what was not and why, parameter counts, expected savings."""
+        if not self._graphs:
+            return (f"gsr_compile({type(self._source_model).__name__}): not compiled yet; it traces "
+                    "on the first call, or pass example_inputs= to gsr_compile.")
+        return str(self.report)
+
+    def save_graph(self, path: str) -> str:
+        """Writes a picture of the rewritten graph (SVG/PNG); returns the path written."""
+        from .drawing import save_graph
+
+        return save_graph(self.graph_module, path)
+
+    # -- nn.Module behaviour -----------------------------------------------------------
+
+    def named_parameters(self, *args, **kwargs) -> Iterator[tuple[str, nn.Parameter]]:
+        if self.compiled is None:
+            raise GSRCompileError(
+                "gsr_compile rewrites the model on its first call, which creates new parameters; "
+                "create the optimizer after calling the model once, or pass example_inputs= to "
+                "gsr_compile so it compiles right away."
+            )
+        return super().named_parameters(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.compiled is None and any(k.startswith("compiled.") for k in state_dict):
+            raise GSRCompileError(
+                "this state_dict belongs to a compiled model; compile first (call the model once "
+                "or pass example_inputs= to gsr_compile), then load it."
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        source = self.__dict__.get("_source")
+        if source is not None:  # keep the original in step: it is retraced for other modes
+            source._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        source = self.__dict__.get("_source")
+        if source is not None:
+            source.train(mode)
+        return self
+
+
+def _bind(model: nn.Module, args: tuple, kwargs: dict) -> list:
+    import inspect
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+def _get_attr_or_none(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def gsr_compile(model: nn.Module, config: GSRConfig | None = None, *,
+                example_inputs: tuple | None = None, example_kwargs: dict | None = None,
+                **options) -> GSRModule:
+    """Compiles a deep residual GNN into GSR (grouped reversible) form.
+
+    Like ``torch.compile`` it traces lazily on the first call with the real inputs, or
+    right away when ``example_inputs`` is given (then the optimizer can be created
+    before the first call). Options are the fields of :class:`GSRConfig`, e.g.
+    ``gsr_compile(model, groups=4, strict=True)``.
+
+    The user's model is not modified; modules outside the converted chains are shared.
+    """
+    cfg = GSRConfig.from_options(config, **options)
+    return GSRModule(model, cfg, example_inputs=example_inputs, example_kwargs=example_kwargs)

@@ -1,0 +1,252 @@
+"""Pass: find chains of residual blocks ``h = h + f(h)``.
+
+A residual block is an addition whose one operand ``h`` is an ancestor of the other,
+``f(h)``, where the branch ``f`` (every node between them) is used by nothing outside
+the block, has the width of ``h``, and is built only of layers the width rewrite
+supports. Consecutive blocks form a chain when each block's output is consumed only by
+the next block. The pass only analyses; ``ReversibleRewrite`` changes the graph.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..errors import GSRCompileError
+from .narrow_width import NarrowingError, narrow_module
+from .propagate_shapes import node_bytes, node_shape
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+# Functions and tensor methods that act channel-wise and so survive splitting into groups.
+ELEMENTWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.gelu, F.elu, F.selu, F.celu,
+    F.leaky_relu, F.silu, F.mish, F.softplus, F.hardtanh, F.hardswish, F.sigmoid, F.tanh,
+    torch.tanh, torch.sigmoid, F.dropout, F.alpha_dropout,
+    operator.add, operator.iadd, operator.sub, operator.mul, operator.truediv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.neg,
+}
+ELEMENTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "tanh", "add", "add_", "sub", "mul", "mul_", "div", "neg",
+    "clone", "contiguous",
+}
+
+
+@dataclass
+class ResidualBlock:
+    """One ``h + f(h)``: its input, the branch's nodes, and what else the branch reads."""
+
+    skip: fx.Node
+    add: fx.Node
+    branch: fx.Node
+    body: list[fx.Node]
+    side_inputs: list[fx.Node]
+    width: int
+
+    @property
+    def module_names(self) -> list[str]:
+        return [n.target for n in self.body if n.op == "call_module"]
+
+    @property
+    def signature(self) -> tuple:
+        return tuple(str(n.target) for n in self.body)
+
+    def describe(self) -> str:
+        names = self.module_names
+        return names[0] if names else self.add.name
+
+
+@dataclass
+class ResidualChain:
+    blocks: list[ResidualBlock] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return self.blocks[0].width
+
+    @property
+    def first_module(self) -> str:
+        return self.blocks[0].describe()
+
+    @property
+    def last_module(self) -> str:
+        names = self.blocks[-1].module_names
+        return names[-1] if names else self.blocks[-1].add.name
+
+    def stored_bytes_plain(self) -> int:
+        """Upper estimate of what eager autograd keeps for this chain: every
+        intermediate of every block."""
+        return sum(node_bytes(n) for b in self.blocks for n in b.body + [b.add])
+
+    def stored_bytes_reversible(self) -> int:
+        return node_bytes(self.blocks[-1].add)
+
+
+def residual_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The two tensor operands of a plain addition (no ``alpha``), else None."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        pass
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        pass
+    else:
+        return None
+    if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = node.args
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return None
+    return a, b
+
+
+class FindResidualChains(PassBase):
+    """Finds residual chains; results in ``self.chains``, refusals in ``self.rejected``."""
+
+    def __init__(self, groups: int, min_chain_blocks: int = 1) -> None:
+        super().__init__()
+        self.groups = groups
+        self.min_chain_blocks = min_chain_blocks
+        self.chains: list[ResidualChain] = []
+        self.rejected: list[tuple[str, str]] = []
+        self.notes: list[str] = []
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        nodes = list(gm.graph.nodes)
+        self._order = {n: i for i, n in enumerate(nodes)}
+        self._gm = gm
+        claimed: set[fx.Node] = set()
+        blocks: list[ResidualBlock] = []
+        for node in nodes:
+            operands = residual_operands(node)
+            if operands is None:
+                continue
+            block = self._block_at(node, operands, claimed)
+            if block is not None:
+                blocks.append(block)
+                claimed.update(block.body)
+                claimed.add(block.add)
+        self.chains = self._link(blocks)
+        self.notes.append(
+            f"{sum(len(c.blocks) for c in self.chains)} residual block(s) in "
+            f"{len(self.chains)} chain(s)"
+        )
+        return PassResult(gm, False)
+
+    # -- one block -------------------------------------------------------------------
+
+    def _block_at(self, add, operands, claimed) -> ResidualBlock | None:
+        a, b = operands
+        candidates = [(a, b), (b, a)] if self._order[a] <= self._order[b] else [(b, a), (a, b)]
+        for skip, branch in candidates:
+            body, side = self._collect_body(skip, branch)
+            if body is None:
+                continue
+            reason = self._refusal(skip, add, branch, body, claimed)
+            if reason is None:
+                return ResidualBlock(skip, add, branch, body, side, node_shape(add)[-1])
+            if reason:  # an empty reason marks an addition that is not a residual block
+                where = next((str(n.target) for n in body if n.op == "call_module"), add.name)
+                self.rejected.append((where, reason))
+            return None
+        return None
+
+    def _collect_body(self, skip: fx.Node, branch: fx.Node):
+        """Nodes that descend from ``skip`` and lead to ``branch``, in graph order, and
+        the nodes outside the block that they read. ``(None, None)`` if ``skip`` does not
+        lead to ``branch``."""
+        start = self._order[skip]
+        seen, stack = set(), [branch]
+        while stack:
+            n = stack.pop()
+            if n in seen or n is skip or self._order[n] <= start:
+                continue
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        body: list[fx.Node] = []
+        in_body: set[fx.Node] = set()
+        for n in sorted(seen, key=self._order.__getitem__):
+            if any(i is skip or i in in_body for i in n.all_input_nodes):
+                body.append(n)
+                in_body.add(n)
+        if branch not in in_body:
+            return None, None
+        side: list[fx.Node] = []
+        for n in body:
+            for i in n.all_input_nodes:
+                if i is not skip and i not in in_body and i not in side:
+                    side.append(i)
+        return body, side
+
+    def _refusal(self, skip, add, branch, body, claimed) -> str | None:
+        in_body = set(body)
+        if any(n in claimed for n in body):
+            return ""  # a residual connection around blocks already found
+        shape_h, shape_f, shape_y = node_shape(skip), node_shape(branch), node_shape(add)
+        if shape_h is None or shape_h != shape_f or shape_h != shape_y or len(shape_h) < 2:
+            return ""  # not a width-preserving residual addition of node features
+        for n in body:
+            outside = [u for u in n.users if u not in in_body and not (n is branch and u is add)]
+            if outside:
+                return f"intermediate '{n.name}' of the block is also used by '{outside[0].name}'"
+        width = shape_h[-1]
+        if width % self.groups:
+            raise GSRCompileError(
+                f"the residual block at '{body[0].target}' has width {width}, which is not "
+                f"divisible by groups={self.groups}. Choose groups dividing {width}."
+            )
+        for n in body:
+            reason = self._unsupported(n, skip, in_body)
+            if reason:
+                return reason
+        return None
+
+    def _unsupported(self, n: fx.Node, skip: fx.Node, in_body: set) -> str | None:
+        if n.op == "call_module":
+            try:
+                narrow_module(self._gm.get_submodule(n.target), self.groups)
+            except NarrowingError as e:
+                return f"module '{n.target}': {e}"
+            return None
+        if n.op == "call_function" and n.target in ELEMENTWISE_FUNCTIONS or (
+            n.op == "call_method" and n.target in ELEMENTWISE_METHODS
+        ):
+            for a in n.all_input_nodes:
+                if a is not skip and a not in in_body and node_shape(a) not in ((), (1,)):
+                    return f"'{n.name}' combines the branch with '{a.name}', which is not split into groups"
+            return None
+        what = getattr(n.target, "__name__", str(n.target))
+        return f"operation '{what}' ({n.op}) has no group-wise form"
+
+    # -- chains ----------------------------------------------------------------------
+
+    def _link(self, blocks: list[ResidualBlock]) -> list[ResidualChain]:
+        chains: list[ResidualChain] = []
+        current = ResidualChain()
+        for block in blocks:
+            prev = current.blocks[-1] if current.blocks else None
+            follows = (
+                prev is not None
+                and block.skip is prev.add
+                and block.width == prev.width
+                and all(u in set(block.body) or u is block.add for u in prev.add.users)
+            )
+            if not follows and current.blocks:
+                chains.append(current)
+                current = ResidualChain()
+            current.blocks.append(block)
+        if current.blocks:
+            chains.append(current)
+        kept = []
+        for chain in chains:
+            if len(chain.blocks) >= self.min_chain_blocks:
+                kept.append(chain)
+            else:
+                self.rejected.append(
+                    (chain.first_module, f"chain of {len(chain.blocks)} block(s) is shorter than "
+                     f"min_chain_blocks={self.min_chain_blocks}")
+                )
+        return kept

@@ -1,0 +1,121 @@
+"""PyG-aware torch.fx tracing with the real inputs of the first call.
+
+``torch.fx.symbolic_trace`` cannot trace into PyG's ``MessagePassing.propagate`` (it
+inspects ``edge_index`` types), so message-passing layers, aggregations, PyG norms and
+PyG's MLP/Linear are kept as leaf modules. Non-tensor arguments of the call (``None``,
+ints, flags) are made concrete, so ``if batch is None`` traces; the compiled module
+re-traces when they change.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import GSRCompileError
+
+try:  # PyG is a dependency, but keep tracing usable for plain torch models without it.
+    from torch_geometric.nn import MLP as PyGMLP
+    from torch_geometric.nn.aggr import Aggregation
+    from torch_geometric.nn.conv import MessagePassing
+    from torch_geometric.nn.dense.linear import Linear as PyGLinear
+
+    _PYG_LEAVES: tuple[type, ...] = (MessagePassing, Aggregation, PyGLinear, PyGMLP)
+except ImportError:  # pragma: no cover - exercised only without PyG
+    _PYG_LEAVES = ()
+
+
+def _is_pyg_norm(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch_geometric.nn.norm")
+
+
+class GSRTracer(fx.Tracer):
+    """An ``fx.Tracer`` that keeps PyG layers whole, as ``call_module`` nodes."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _PYG_LEAVES) or _is_pyg_norm(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def split_call_arguments(
+    model: nn.Module, args: tuple, kwargs: dict
+) -> tuple[list[str], dict[str, Any], list[torch.Tensor]]:
+    """Binds a call to ``model.forward``'s signature.
+
+    Returns the names of the tensor parameters (in call order), the concrete values of
+    the others, and the tensors themselves.
+    """
+    signature = inspect.signature(model.forward)
+    for p in signature.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise GSRCompileError(
+                f"{type(model).__name__}.forward takes *{p.name}; gsr_compile needs named "
+                "parameters to trace. Give forward explicit arguments (x, edge_index, ...)."
+            )
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise GSRCompileError(f"the call does not match {type(model).__name__}.forward: {e}") from None
+    bound.apply_defaults()
+    tensor_names, concrete, tensors = [], {}, []
+    for name, value in bound.arguments.items():
+        if isinstance(value, torch.Tensor):
+            tensor_names.append(name)
+            tensors.append(value)
+        else:
+            concrete[name] = value
+    return tensor_names, concrete, tensors
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame that is the user's code, as 'file:line: source'."""
+    skip = (
+        os.path.dirname(torch.__file__),
+        os.path.dirname(os.path.abspath(__file__)),
+    )
+    try:
+        import torch_geometric
+
+        skip += (os.path.dirname(torch_geometric.__file__),)
+    except ImportError:  # pragma: no cover
+        pass
+    user = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith(skip):
+            user = frame
+    if user is None:
+        return None
+    return f"{user.filename}:{user.lineno}: {(user.line or '').strip()}"
+
+
+def trace(model: nn.Module, concrete_args: dict[str, Any]) -> fx.GraphModule:
+    """Traces ``model`` with the given non-tensor arguments fixed.
+
+    Raises :class:`GSRCompileError` naming the user's source line when the model has
+    data-dependent control flow or other untraceable code.
+    """
+    tracer = GSRTracer()
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args or None)
+    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ...
+        where = _user_frame(e)
+        hint = (
+            "Data-dependent Python control flow (if/while on tensor values) cannot be traced; "
+            "rewrite it with tensor ops or move it out of forward."
+            if isinstance(e, fx.proxy.TraceError)
+            else "Make this code traceable by torch.fx, or wrap it in a submodule."
+        )
+        raise GSRCompileError(
+            f"cannot trace {type(model).__name__}: {e}"
+            + (f"\n  at {where}" if where else "")
+            + f"\n  {hint}"
+        ) from e
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
