@@ -14,6 +14,7 @@ from .passes.find_residual_chains import FindResidualChains
 from .passes.functional_dropout_to_module import FunctionalDropoutToModule
 from .passes.narrow_width import supported_module_names
 from .passes.propagate_shapes import PropagateShapes
+from .passes.remove_no_ops import RemoveNoOps
 from .passes.reversible_rewrite import ReversibleRewrite
 from .report import ChainReport, CompileReport
 from .tracer import split_call_arguments, trace
@@ -100,11 +101,12 @@ class GSRModule(nn.Module):
         finder = FindResidualChains(config.groups, config.min_chain_blocks)
         passes = [
             FunctionalDropoutToModule(mode),
+            RemoveNoOps(),
             PropagateShapes([v for v in values]),
             finder,
             ReversibleRewrite(finder, config.groups, self._registry),
         ]
-        PassManager(passes=passes, run_checks_after_each_pass=True)(gm)
+        _run_passes(passes, gm)
         report = self._report(gm, passes, finder, mode, time.perf_counter() - start)
         if config.strict and (report.not_converted or not report.chains):
             raise GSRCompileError(
@@ -245,6 +247,17 @@ class GSRModule(nn.Module):
         if source is not None:
             source.train(mode)
         return self
+
+
+def _run_passes(passes: list, gm: fx.GraphModule) -> None:
+    """Runs the passes with torch.fx's PassManager, surfacing our own errors as they are."""
+    try:
+        PassManager(passes=passes, run_checks_after_each_pass=True)(gm)
+    except Exception as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, GSRCompileError):
+            raise cause from None
+        raise GSRCompileError(f"{e}: {type(cause).__name__}: {cause}") from cause
 
 
 def _bind(model: nn.Module, args: tuple, kwargs: dict) -> list:

@@ -72,6 +72,10 @@ class CompileReport:
             lines.append("not converted:")
             for where, why in self.not_converted:
                 lines.append(f"  {where}: {why}")
+            if any("no width rule" in why for _, why in self.not_converted):
+                from .passes.narrow_width import supported_module_names
+
+                lines.append(f"  supported layers: {', '.join(supported_module_names())}")
         change = (self.params_after - self.params_before) / max(self.params_before, 1) * 100
         lines.append(
             f"parameters: {self.params_before:,} before -> {self.params_after:,} after ({change:+.1f}%)"

@@ -117,5 +117,25 @@ def trace(model: nn.Module, concrete_args: dict[str, Any]) -> fx.GraphModule:
             + (f"\n  at {where}" if where else "")
             + f"\n  {hint}"
         ) from e
+    _drop_specialization_asserts(graph)
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # postponed annotations: GraphModules would not pickle
+            node.type = None
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _drop_specialization_asserts(graph: fx.Graph) -> None:
+    """Removes fx's checks that concrete arguments keep their traced values.
+
+    The compiled module dispatches on those values itself (one graph per value), and
+    the checks' helper does not survive pickling of the GraphModule.
+    """
+    checks = {fx._symbolic_trace._assert_is_none, torch._assert}
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target in checks:
+            inputs = node.all_input_nodes
+            graph.erase_node(node)
+            for i in inputs:  # the comparison feeding torch._assert
+                if i.op == "call_function" and not i.users:
+                    graph.erase_node(i)

@@ -3,8 +3,9 @@ from .find_residual_chains import FindResidualChains, ResidualBlock, ResidualCha
 from .functional_dropout_to_module import FunctionalDropoutToModule
 from .narrow_width import NarrowingError, narrow_module, supported_module_names
 from .propagate_shapes import PropagateShapes
+from .remove_no_ops import RemoveNoOps
 from .reversible_rewrite import ReversibleRewrite
 
 __all__ = ["FindResidualChains", "ResidualBlock", "ResidualChain", "FunctionalDropoutToModule",
-           "PropagateShapes", "ReversibleRewrite", "NarrowingError", "narrow_module",
+           "PropagateShapes", "RemoveNoOps", "ReversibleRewrite", "NarrowingError", "narrow_module",
            "supported_module_names"]

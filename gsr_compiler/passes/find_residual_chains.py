@@ -113,6 +113,7 @@ class FindResidualChains(PassBase):
         self.chains: list[ResidualChain] = []
         self.rejected: list[tuple[str, str]] = []
         self.notes: list[str] = []
+        self._narrowable: dict[tuple, str | None] = {}
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         nodes = list(gm.graph.nodes)
@@ -149,10 +150,17 @@ class FindResidualChains(PassBase):
             if reason is None:
                 return ResidualBlock(skip, add, branch, body, side, node_shape(add)[-1])
             if reason:  # an empty reason marks an addition that is not a residual block
-                where = next((str(n.target) for n in body if n.op == "call_module"), add.name)
-                self.rejected.append((where, reason))
+                self.rejected.append((self._location(body, add), reason))
             return None
         return None
+
+    @staticmethod
+    def _location(body: list[fx.Node], add: fx.Node) -> str:
+        """The block's first user module, for messages."""
+        for n in body:
+            if n.op == "call_module" and not str(n.target).startswith("gsr_"):
+                return f"block at '{n.target}'"
+        return f"block ending at '{add.name}'"
 
     def _collect_body(self, skip: fx.Node, branch: fx.Node):
         """Nodes that descend from ``skip`` and lead to ``branch``, in graph order, and
@@ -198,7 +206,8 @@ class FindResidualChains(PassBase):
                 f"the residual block at '{body[0].target}' has width {width}, which is not "
                 f"divisible by groups={self.groups}. Choose groups dividing {width}."
             )
-        for n in body:
+        # Layers first: a missing width rule is the most useful thing to report.
+        for n in sorted(body, key=lambda n: n.op != "call_module"):
             reason = self._unsupported(n, skip, in_body)
             if reason:
                 return reason
@@ -206,11 +215,18 @@ class FindResidualChains(PassBase):
 
     def _unsupported(self, n: fx.Node, skip: fx.Node, in_body: set) -> str | None:
         if n.op == "call_module":
-            try:
-                narrow_module(self._gm.get_submodule(n.target), self.groups)
-            except NarrowingError as e:
-                return f"module '{n.target}': {e}"
-            return None
+            module = self._gm.get_submodule(n.target)
+            # Deep models repeat one block: try each distinct layer configuration once.
+            key = (type(module), repr(module),
+                   tuple((k, tuple(v.shape)) for k, v in module.state_dict().items()))
+            if key not in self._narrowable:
+                try:
+                    narrow_module(module, self.groups)
+                    self._narrowable[key] = None
+                except NarrowingError as e:
+                    self._narrowable[key] = str(e)
+            error = self._narrowable[key]
+            return None if error is None else f"'{n.target}': {error}"
         if n.op == "call_function" and n.target in ELEMENTWISE_FUNCTIONS or (
             n.op == "call_method" and n.target in ELEMENTWISE_METHODS
         ):

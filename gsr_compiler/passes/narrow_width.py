@@ -93,6 +93,20 @@ def _stateless(m: nn.Module, g: int) -> nn.Module:
     return copy.deepcopy(m)
 
 
+def _scalar_state(m: nn.Module, g: int) -> nn.Module:
+    """Aggregations and message norms whose parameters are scalars (softmax temperature,
+    power, scale): a fresh copy works at any width."""
+    for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+        if t.numel() > 1:
+            raise NarrowingError(
+                f"{type(m).__name__} holds '{name}' of shape {tuple(t.shape)}; no width rule is known for it"
+            )
+    new = copy.deepcopy(m)
+    if hasattr(new, "reset_parameters"):
+        new.reset_parameters()
+    return new
+
+
 def _prelu(m: nn.PReLU, g: int) -> nn.Module:
     n = m.num_parameters
     return nn.PReLU(n if n == 1 else _div(n, g, "num_parameters"), init=0.25)
@@ -111,7 +125,12 @@ def _container(m: nn.Module, g: int) -> nn.Module:
     new._parameters = {k: None if v is None else nn.Parameter(v.detach().clone(), v.requires_grad)
                        for k, v in m._parameters.items()}
     new._buffers = {k: None if v is None else v.detach().clone() for k, v in m._buffers.items()}
-    new._modules = {k: None if v is None else narrow_module(v, g) for k, v in m._modules.items()}
+    new._modules = {}
+    for k, v in m._modules.items():
+        try:
+            new._modules[k] = None if v is None else narrow_module(v, g)
+        except NarrowingError as e:
+            raise NarrowingError(f"{type(m).__name__}.{k}: {e}") from None
     for attr in ("in_channels", "out_channels", "hidden_channels"):
         value = getattr(m, attr, None)
         if isinstance(value, (int, tuple)) and not isinstance(value, bool) and attr in m.__dict__:
@@ -280,9 +299,22 @@ WIDTH_RULES: dict[type, NarrowRule] = {
 }
 
 
+def _scalar_state_bases() -> tuple[type, ...]:
+    try:
+        from torch_geometric.nn.aggr import Aggregation
+        from torch_geometric.nn.norm import MessageNorm
+    except ImportError:  # pragma: no cover
+        return ()
+    return (Aggregation, MessageNorm)
+
+
+_SCALAR_STATE_BASES = _scalar_state_bases()
+
+
 def supported_module_names() -> list[str]:
     """Names of the module types the width rewrite supports."""
-    return sorted({t.__name__ for t in WIDTH_RULES})
+    return sorted({t.__name__ for t in WIDTH_RULES} | {f"{t.__name__} (scalar parameters)"
+                                                      for t in _SCALAR_STATE_BASES})
 
 
 def narrow_module(module: nn.Module, groups: int) -> nn.Module:
@@ -292,10 +324,12 @@ def narrow_module(module: nn.Module, groups: int) -> nn.Module:
     no rule applies.
     """
     rule = WIDTH_RULES.get(type(module))
+    if rule is None and isinstance(module, _SCALAR_STATE_BASES):
+        rule = _scalar_state
+    if rule is None and isinstance(module, (nn.Sequential, nn.ModuleList)):
+        rule = _container
     if rule is None:
-        raise NarrowingError(
-            f"no width rule for {type(module).__name__}; supported: {', '.join(supported_module_names())}"
-        )
+        raise NarrowingError(f"no width rule for {type(module).__name__}")
     new = rule(module, groups)
     new.train(module.training)
     return _like(new, module)

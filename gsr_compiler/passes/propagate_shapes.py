@@ -13,14 +13,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 
 class PropagateShapes(PassBase):
-    def __init__(self, inputs: list[torch.Tensor]) -> None:
+    def __init__(self, inputs: list) -> None:
         super().__init__()
         self.inputs = inputs
         self.notes: list[str] = []
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
-        cuda = sorted({t.device.index or 0 for t in self.inputs if t.is_cuda})
+        cuda = sorted({t.device.index or 0 for t in self.inputs
+                       if isinstance(t, torch.Tensor) and t.is_cuda})
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=cuda, device_type="cuda"):
                 ShapeProp(gm).propagate(*self.inputs)

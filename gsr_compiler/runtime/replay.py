@@ -31,7 +31,11 @@ def seeded(seed: int | None, devices: Sequence[torch.device]) -> Iterator[None]:
     cuda = sorted({d.index if d.index is not None else torch.cuda.current_device()
                    for d in devices if d.type == "cuda"})
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-        torch.manual_seed(seed)
+        # Seed only the generators in use: torch.manual_seed also queues lazy seeding of
+        # every accelerator backend, recording a stack trace each time (milliseconds).
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 

@@ -75,6 +75,26 @@ class ReversibleChain(nn.Module):
             return self._run_forward(x, side_inputs, seeds)
         return _ReversibleChainFunction.apply(self, len(side_inputs), x, *side_inputs, *params)
 
+    @torch.no_grad()
+    def inverse(self, y: Tensor, *side_inputs: object, seeds=None) -> Tensor:
+        """The chain input that produced ``y`` (``seeds`` as drawn by the forward, or
+        None in eval mode). Used to measure reconstruction error over depth."""
+        if seeds is None:
+            if self.training:
+                raise ValueError("inverse() in training mode needs the seeds the forward drew")
+            seeds = [[None] * self.groups for _ in self.blocks]
+        G, devices = self.groups, [y.device]
+        for i in range(self.depth - 1, -1, -1):
+            extra = self._block_inputs(i, side_inputs)
+            ys = y.chunk(G, dim=-1)
+            xs: list[Tensor | None] = [None] * G
+            for j in range(G - 1, -1, -1):
+                inp = ys[j - 1] if j > 0 else (torch.stack(xs[1:]).sum(0) if G > 2 else xs[1])
+                with seeded(seeds[i][j], devices):
+                    xs[j] = ys[j] - self.blocks[i][j](inp, *extra)
+            y = torch.cat(xs, dim=-1)
+        return y
+
     # -- pieces shared by the autograd function ------------------------------------
 
     def _draw_seeds(self) -> list[list[int | None]]:

@@ -1,0 +1,131 @@
+"""Core targets: memory and time of a 64-block, 128-channel SAGE residual GNN.
+
+Compares, one training step each (forward, loss, backward), each model in fresh
+subprocesses: the plain residual model (eager), the same architecture built by hand
+with PyG's GroupAddRev, and gsr_compile of the plain model. Also: saved bytes at 16 vs
+256 blocks, compile time of a 1000-block model, and the reconstruction error of block
+inputs after 1000 float32 blocks.
+
+    python benchmarks/bench_core.py                 # b18_Cg (64k nodes), as in the docs
+    python benchmarks/bench_core.py --nodes 4096    # random graph, quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines import GroupAddRevGNN  # noqa: E402
+
+from gsr_compiler import gsr_compile  # noqa: E402
+from gsr_compiler.memory import (FIXED_MMAP_THRESHOLD, measure_step_in_subprocess,  # noqa: E402
+                                 saved_bytes_of_step)
+from gsr_compiler.models import ResidualGNN  # noqa: E402
+from gsr_compiler.report import format_bytes  # noqa: E402
+from gsr_compiler.runtime.reversible import ReversibleChain  # noqa: E402
+from gsr_compiler.synthetic import random_graph  # noqa: E402
+
+
+def load_graph(args):
+    if args.nodes:
+        x, edge_index, target = random_graph(args.nodes, args.edges or 2 * args.nodes, 16)
+        return f"random graph", x, edge_index, target
+    from gsr_compiler.circuits import load_circuit
+
+    data = load_circuit(args.circuit)
+    level = data.level.float()
+    return args.circuit, data.x.float(), data.edge_index, (level / level.max()).unsqueeze(1)
+
+
+def measure(name, model, inputs, target, steps):
+    m = measure_step_in_subprocess(model, inputs, target, timing_steps=steps)
+    fixed = measure_step_in_subprocess(model, inputs, target, timing_steps=1,
+                                       mmap_threshold=FIXED_MMAP_THRESHOLD)
+    m.peak_rss_fixed, m.rss_rise_fixed = fixed.peak_rss, fixed.rss_rise
+    if m.error:
+        print(f"{name}: failed: {m.error}")
+    else:
+        print(f"{name}: saved {format_bytes(m.saved_bytes)}, RSS rise {format_bytes(m.rss_rise)} "
+              f"(fixed threshold {format_bytes(m.rss_rise_fixed)}), step {m.step_seconds:.2f} s",
+              flush=True)
+    return m
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--circuit", default="b18_Cg")
+    parser.add_argument("--nodes", type=int, default=0, help="use a random graph of this size")
+    parser.add_argument("--edges", type=int, default=0)
+    parser.add_argument("--depth", type=int, default=64)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default="results/bench_core.json")
+    args = parser.parse_args()
+
+    graph, x, edge_index, target = load_graph(args)
+    print(f"{graph}: {x.shape[0]} nodes, {edge_index.shape[1]} edges; {args.depth} blocks x "
+          f"{args.width} channels; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}", flush=True)
+    inputs = (x, edge_index)
+    results = {"graph": graph, "nodes": x.shape[0], "edges": edge_index.shape[1],
+               "depth": args.depth, "width": args.width, "torch": torch.__version__}
+
+    torch.manual_seed(0)
+    plain = ResidualGNN(x.shape[1], args.width, 1, args.depth, conv="sage", dropout=0.1)
+    gsr = gsr_compile(plain, example_inputs=inputs)
+    by_hand = GroupAddRevGNN(x.shape[1], args.width, 1, args.depth, dropout=0.1)
+    rows = {}
+    for name, model in (("plain", plain), ("groupaddrev", by_hand), ("gsr", gsr)):
+        rows[name] = measure(name, model, inputs, target, args.steps).__dict__
+    results["models"] = rows
+    p, h, g = rows["plain"], rows["groupaddrev"], rows["gsr"]
+    ratios = {
+        "saved gsr/plain": g["saved_bytes"] / p["saved_bytes"],
+        "rss rise gsr/plain": g["rss_rise"] / p["rss_rise"],
+        "rss rise (fixed threshold) gsr/plain": g["rss_rise_fixed"] / p["rss_rise_fixed"],
+        "step time gsr/plain": g["step_seconds"] / p["step_seconds"],
+        "step time gsr/groupaddrev": g["step_seconds"] / h["step_seconds"],
+    }
+
+    # saved bytes at 16 vs 256 blocks (in this process: deterministic counts)
+    saved = {}
+    for depth in (16, 256):
+        torch.manual_seed(0)
+        deep = ResidualGNN(x.shape[1], args.width, 1, depth, conv="sage", dropout=0.1)
+        saved[depth] = saved_bytes_of_step(gsr_compile(deep, example_inputs=inputs), inputs, target)
+        print(f"gsr saved bytes at {depth} blocks: {format_bytes(saved[depth])}", flush=True)
+    ratios["saved 256/16 blocks"] = saved[256] / saved[16]
+
+    # compile time of a 1000-block model, and reconstruction error after 1000 blocks
+    xs, eis, _ = random_graph(2048, 8192, 16, seed=1)
+    torch.manual_seed(0)
+    thousand = ResidualGNN(16, args.width, 1, 1000, conv="sage", dropout=0.1)
+    start = time.perf_counter()
+    compiled = gsr_compile(thousand, example_inputs=(xs, eis))
+    results["compile_seconds_1000_blocks"] = time.perf_counter() - start
+    compiled.eval()
+    chain = next(m for m in compiled.modules() if isinstance(m, ReversibleChain))
+    h0 = torch.randn(xs.shape[0], args.width)
+    with torch.no_grad():
+        h1000 = chain(h0, eis)
+        back = chain.inverse(h1000, eis)
+    results["reconstruction_rel_error_1000_float32"] = ((back - h0).norm() / h0.norm()).item()
+    results["ratios"] = ratios
+    print(f"compile 1000 blocks: {results['compile_seconds_1000_blocks']:.2f} s; relative "
+          f"reconstruction error after 1000 float32 blocks: "
+          f"{results['reconstruction_rel_error_1000_float32']:.2e}")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.3f}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
