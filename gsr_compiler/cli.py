@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         code = args.run(args)
-    except (GSRCompileError, ValueError, FileNotFoundError) as e:
+    except (GSRCompileError, ValueError, LookupError, OSError) as e:
         print(f"gsr {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(f"[gsr {args.command} finished in {time.perf_counter() - start:.1f} s]")

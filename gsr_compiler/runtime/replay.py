@@ -43,8 +43,11 @@ def seeded(seed: int | None, devices: Sequence[torch.device]) -> Iterator[None]:
 def frozen_running_stats(module: nn.Module) -> Iterator[None]:
     """BatchNorm layers in training mode use batch statistics but do not update their
     running estimates (nor ``num_batches_tracked``) inside the body."""
-    frozen = [m for m in module.modules()
-              if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    norms = module.__dict__.get("_batch_norm_cache")
+    if norms is None:  # modules are fixed once compiled; find them once
+        norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+        module.__dict__["_batch_norm_cache"] = norms
+    frozen = [m for m in norms if m.training and m.track_running_stats]
     for m in frozen:
         m.track_running_stats = False
     try:

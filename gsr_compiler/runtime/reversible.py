@@ -64,7 +64,7 @@ class ReversibleChain(nn.Module):
             raise ValueError(
                 f"chain input has {x.shape[-1]} channels, not divisible by groups={self.groups}"
             )
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = [p for p in self._all_parameters() if p.requires_grad]
         side_tensors = [s for s in side_inputs if isinstance(s, Tensor)]
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in params)
@@ -89,7 +89,7 @@ class ReversibleChain(nn.Module):
             ys = y.chunk(G, dim=-1)
             xs: list[Tensor | None] = [None] * G
             for j in range(G - 1, -1, -1):
-                inp = ys[j - 1] if j > 0 else (torch.stack(xs[1:]).sum(0) if G > 2 else xs[1])
+                inp = ys[j - 1] if j > 0 else _sum(xs[1:])
                 with seeded(seeds[i][j], devices):
                     xs[j] = ys[j] - self.blocks[i][j](inp, *extra)
             y = torch.cat(xs, dim=-1)
@@ -103,22 +103,39 @@ class ReversibleChain(nn.Module):
         random = self.training
         return [[draw_seed() if random else None for _ in block] for block in self.blocks]
 
+    def _all_parameters(self) -> list[nn.Parameter]:
+        # The structure is fixed once built; walking thousands of modules per call is not.
+        cached = self.__dict__.get("_parameter_cache")
+        if cached is None:
+            cached = list(self.parameters())
+            self.__dict__["_parameter_cache"] = cached
+        return cached
+
     def _block_inputs(self, i: int, side_inputs: Sequence[object]) -> list[object]:
         return [side_inputs[k] for k in self.side_index[i]]
 
     def _run_forward(self, x: Tensor, side_inputs: Sequence[object], seeds) -> Tensor:
         devices = [x.device]
+        # Blocks pass their G groups along as a list: no concatenation between blocks.
+        xs = list(x.chunk(self.groups, dim=-1))
         for i, block in enumerate(self.blocks):
             extra = self._block_inputs(i, side_inputs)
-            xs = x.chunk(self.groups, dim=-1)
-            prev = torch.stack(xs[1:]).sum(0) if self.groups > 2 else xs[1]
+            prev = _sum(xs[1:])
             ys = []
             for j, f in enumerate(block):
                 with seeded(seeds[i][j], devices):
                     prev = xs[j] + f(prev, *extra)
                 ys.append(prev)
-            x = torch.cat(ys, dim=-1)
-        return x
+            xs = ys
+        return torch.cat(xs, dim=-1)
+
+
+def _sum(tensors: Sequence[Tensor]) -> Tensor:
+    """y0 = x2 + ... + xG (a fresh tensor only when G > 2)."""
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
 
 
 class _ReversibleChainFunction(torch.autograd.Function):
@@ -159,23 +176,19 @@ class _ReversibleChainFunction(torch.autograd.Function):
         G = chain.groups
         devices = [y.device]
 
+        ys = list(y.chunk(G, dim=-1))
+        gys = list(grad_y.chunk(G, dim=-1))
         with frozen_running_stats(chain):
             for i in range(chain.depth - 1, -1, -1):
                 block = chain.blocks[i]
                 extra = chain._block_inputs(i, side_leaves)
                 extra_grad = [(k, s) for k, s in zip(chain.side_index[i], extra)
                               if isinstance(s, Tensor) and s.requires_grad]
-                ys = list(y.chunk(G, dim=-1))
-                gys = list(grad_y.chunk(G, dim=-1))
                 xs: list[Tensor | None] = [None] * G
                 for j in range(G - 1, -1, -1):
                     f = block[j]
                     f_params = [p for p in f.parameters() if p.requires_grad]
-                    if j > 0:
-                        inp = ys[j - 1].detach().requires_grad_()
-                    else:
-                        inp = torch.stack(xs[1:]).sum(0) if G > 2 else xs[1].detach()
-                        inp.requires_grad_()
+                    inp = (ys[j - 1] if j > 0 else _sum(xs[1:])).detach().requires_grad_()
                     with torch.enable_grad(), seeded(ctx.seeds[i][j], devices):
                         out = f(inp, *extra)
                     xs[j] = ys[j] - out.detach()  # the inverse: this block's input group
@@ -185,7 +198,7 @@ class _ReversibleChainFunction(torch.autograd.Function):
                     if g_inp is not None:
                         if j > 0:
                             gys[j - 1] = gys[j - 1] + g_inp
-                        else:  # y_0 = sum of x_2..x_G feeds the first group
+                        else:  # y0 = x2 + ... + xG feeds the first group
                             for k in range(1, G):
                                 gys[k] = gys[k] + g_inp
                     for (k, _), g in zip(extra_grad, grads[1:1 + len(extra_grad)]):
@@ -196,7 +209,7 @@ class _ReversibleChainFunction(torch.autograd.Function):
                             prior = param_grads.get(id(p))
                             param_grads[id(p)] = g if prior is None else prior + g
                     del out, grads
-                y = torch.cat(xs, dim=-1)
-                grad_y = torch.cat(gys, dim=-1)
+                ys = xs  # this block's input is the previous block's output
+        grad_y = torch.cat(gys, dim=-1)
 
         return (None, None, grad_y, *side_grads, *[param_grads.get(id(p)) for p in params])
