@@ -16,7 +16,7 @@ def _load(circuit: str):
     return data, x, data.edge_index, target
 
 
-def run_demo(circuit: str = "c6288", depth: int = 128, width: int = 64, steps: int = 30,
+def run_demo(circuit: str = "c6288", depth: int = 128, width: int = 32, steps: int = 20,
              groups: int = 2, out_dir: str = "gsr-demo", measure: bool = True) -> dict:
     """Runs the demo and returns its figures (also written to ``out_dir``)."""
     from scipy.stats import kendalltau, pearsonr
@@ -41,7 +41,8 @@ def run_demo(circuit: str = "c6288", depth: int = 128, width: int = 64, steps: i
     figures: dict = {"circuit": circuit, "depth": depth, "width": width}
     if measure:
         print("\nmemory of one training step (each model in fresh subprocesses):")
-        comparison = compare_memory(model, gsr_model, (x, edge_index), target=target)
+        comparison = compare_memory(model, gsr_model, (x, edge_index), target=target,
+                                    timing_steps=2)
         print(comparison)
         with open(os.path.join(out_dir, "memory.txt"), "w") as f:
             f.write(str(comparison) + "\n")
