@@ -239,20 +239,12 @@ def _pyg_rules() -> dict[type, NarrowRule]:
 
     def gat(m, g):
         heads, out = gat_out(m, g)
-        return pyg.GATConv(
+        extra = {"share_weights": m.share_weights} if isinstance(m, pyg.GATv2Conv) else {}
+        return type(m)(
             _div_channels(m.in_channels, g, "in_channels"), out, heads=heads, concat=m.concat,
             negative_slope=m.negative_slope, dropout=m.dropout, add_self_loops=m.add_self_loops,
             edge_dim=m.edge_dim, fill_value=m.fill_value, bias=m.bias is not None,
-            residual=m.residual, flow=m.flow,
-        )
-
-    def gatv2(m, g):
-        heads, out = gat_out(m, g)
-        return pyg.GATv2Conv(
-            _div_channels(m.in_channels, g, "in_channels"), out, heads=heads, concat=m.concat,
-            negative_slope=m.negative_slope, dropout=m.dropout, add_self_loops=m.add_self_loops,
-            edge_dim=m.edge_dim, fill_value=m.fill_value, bias=m.bias is not None,
-            share_weights=m.share_weights, residual=m.residual, flow=m.flow,
+            residual=m.residual, flow=m.flow, **extra,
         )
 
     return {
@@ -266,7 +258,7 @@ def _pyg_rules() -> dict[type, NarrowRule]:
         pyg.GINConv: gin,
         pyg.GINEConv: gine,
         pyg.GATConv: gat,
-        pyg.GATv2Conv: gatv2,
+        pyg.GATv2Conv: gat,
         pyg.GENConv: _container,
         pyg.MLP: _container,
     }
