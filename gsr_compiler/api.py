@@ -12,6 +12,7 @@ from .config import GSRConfig
 from .errors import GSRCompileError
 from .passes.find_residual_chains import FindResidualChains
 from .passes.functional_dropout_to_module import FunctionalDropoutToModule
+from .passes.group_sparse_activation import GroupSparseActivation
 from .passes.narrow_width import supported_module_names
 from .passes.propagate_shapes import PropagateShapes
 from .passes.remove_no_ops import RemoveNoOps
@@ -106,6 +107,8 @@ class GSRModule(nn.Module):
             finder,
             ReversibleRewrite(finder, config.groups, self._registry),
         ]
+        if config.sparse_k is not None:
+            passes.append(GroupSparseActivation(config.sparse_k, config.sparse_group))
         _run_passes(passes, gm)
         report = self._report(gm, passes, finder, mode, time.perf_counter() - start)
         if config.strict and (report.not_converted or not report.chains):
@@ -153,7 +156,7 @@ class GSRModule(nn.Module):
                                mode="train" if mode else "eval", compile_seconds=seconds)
         for p in passes:
             report.passes.append((type(p).__name__, list(getattr(p, "notes", []))))
-        rewrite = passes[-1]
+        rewrite = next(p for p in passes if isinstance(p, ReversibleRewrite))
         for chain, name in zip(finder.chains, rewrite.chain_names):
             side = []
             for b in chain.blocks:

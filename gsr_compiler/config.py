@@ -17,11 +17,21 @@ class GSRConfig:
         strict: raise :class:`GSRCompileError` when anything is left unconverted,
             instead of reporting it in ``explain()``.
         min_chain_blocks: shortest run of residual blocks that is made reversible.
+        sparse_k: turns on the group-wise sparse nonlinearity: inside every reversible
+            branch, each ReLU is replaced by a top-k that keeps, per node and channel group
+            of ``sparse_group`` channels, the ``sparse_k`` largest values (MaxK-style), and
+            the op right after it (Linear, GCNConv, SAGEConv, GraphConv, GINConv) reads the
+            compressed form. ``None`` (default) leaves activations as they are. Must lie in
+            ``1..sparse_group``; checked when the model is compiled.
+        sparse_group: channel-group width ``g`` of the top-k; must divide the width of one
+            reversible group. ``None`` (default): the width of one reversible group (D/groups).
     """
 
     groups: int = 2
     strict: bool = False
     min_chain_blocks: int = 1
+    sparse_k: int | None = None
+    sparse_group: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.groups, int) or isinstance(self.groups, bool) or self.groups < 2:
@@ -32,6 +42,25 @@ class GSRConfig:
         if not isinstance(self.min_chain_blocks, int) or self.min_chain_blocks < 1:
             raise GSRCompileError(
                 f"min_chain_blocks={self.min_chain_blocks!r}: must be a positive integer."
+            )
+        for name in ("sparse_k", "sparse_group"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise GSRCompileError(
+                    f"{name}={value!r}: must be a positive integer, or None"
+                    + (" to leave activations dense." if name == "sparse_k"
+                       else " for the width of one reversible group.")
+                )
+        if self.sparse_group is not None and self.sparse_k is None:
+            raise GSRCompileError(
+                f"sparse_group={self.sparse_group} is set but sparse_k is None, so nothing would "
+                "be made sparse; set sparse_k (values kept per node and group) as well."
+            )
+        if self.sparse_group is not None and self.sparse_k > self.sparse_group:
+            raise GSRCompileError(
+                f"sparse_k={self.sparse_k} must be in 1..sparse_group={self.sparse_group} "
+                "(it is the number of values kept out of each group of sparse_group channels)."
             )
 
     @classmethod

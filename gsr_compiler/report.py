@@ -46,7 +46,10 @@ class CompileReport:
         lines = [f"gsr_compile({self.model_name}) [{self.mode} mode, {self.compile_seconds:.2f} s]"]
         lines.append("passes:")
         for name, notes in self.passes:
-            lines.append(f"  {name}" + (f": {'; '.join(notes)}" if notes else ""))
+            if len(notes) > 1:  # one line each (e.g. one per chain)
+                lines += [f"  {name}:"] + [f"    {n}" for n in notes]
+            else:
+                lines.append(f"  {name}" + (f": {notes[0]}" if notes else ""))
         if self.chains:
             lines.append("reversible chains:")
             for c in self.chains:

@@ -4,6 +4,9 @@
   (dense in, dense out; autograd keeps only uint8 positions).
 * :func:`group_topk_compress` -> :class:`CompressedActivation`: the same, in compressed form.
 * :func:`compressed_linear`, :func:`compressed_aggregate`: the next op, reading the compressed form.
+* Module forms the compiler inserts: :class:`GroupTopKCompress`, :class:`CompressedDropout`,
+  :class:`CompressedLinear`, and the message-passing layers :class:`CompressedGCNConv`,
+  :class:`CompressedSAGEConv`, :class:`CompressedGraphConv`, :class:`CompressedGINConv`.
 
 Runtime code only: the compiler pass that inserts these lives in ``gsr_compiler.passes``.
 """
@@ -12,9 +15,18 @@ from .compressed import (CompressedActivation, compressed_nbytes_per_row, compre
 from .aggregate import compressed_aggregate
 from .linear import compressed_linear
 from .topk import GroupTopK, group_topk, group_topk_compress, select_group_topk
+from .modules import CompressedDropout, CompressedLinear, GroupTopKCompress
+from .conv import CompressedGCNConv, CompressedGINConv, CompressedGraphConv, CompressedSAGEConv
 
 __all__ = [
     "CompressedActivation",
+    "CompressedDropout",
+    "CompressedGCNConv",
+    "CompressedGINConv",
+    "CompressedGraphConv",
+    "CompressedLinear",
+    "CompressedSAGEConv",
+    "GroupTopKCompress",
     "GroupTopK",
     "compressed_aggregate",
     "compressed_linear",
