@@ -42,6 +42,22 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    names = lambda text: None if text is None else [n for n in text.split(",") if n]  # noqa: E731
+    train(TrainConfig(
+        label=args.label, conv=args.conv, depth=args.depth, width=args.width, groups=args.groups,
+        gsr=args.gsr, dropout=args.dropout, steps=args.steps, lr=args.lr,
+        weight_decay=args.weight_decay, clip=args.clip, batch_nodes=args.batch_nodes,
+        full_graphs=args.full_graphs, train=names(args.train), val=names(args.val),
+        test=names(args.test), eval_every=args.eval_every, eval_max_nodes=args.eval_max_nodes,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, out=args.out,
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+    ))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gsr", description="Grouped-Sparse-Reversible GNN compiler")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +84,42 @@ def build_parser() -> argparse.ArgumentParser:
                        help="measure in this process (faster; RSS figures less clean)")
     sweep.add_argument("--out", default="gsr-sweep")
     sweep.set_defaults(run=_sweep)
+
+    tr = sub.add_parser("train", help="train a residual GNN on circuit labels, evaluate on "
+                                      "held-out circuits (metrics JSON, scatter PNG, checkpoints)")
+    tr.add_argument("--label", default="level", choices=["level", "reverse_level", "prob", "toggle"],
+                    help="per-node target (level and reverse_level are regressed normalized)")
+    tr.add_argument("--conv", default="sage", help="sage, gcn, graph, gin, gat or gen")
+    tr.add_argument("--depth", type=int, default=16, help="residual blocks")
+    tr.add_argument("--width", type=int, default=32, help="channels")
+    tr.add_argument("--gsr", action="store_true", help="compile with gsr_compile (reversible)")
+    tr.add_argument("--groups", type=int, default=2, help="channel groups with --gsr")
+    tr.add_argument("--dropout", type=float, default=0.0)
+    tr.add_argument("--steps", type=int, default=200, help="total optimizer steps")
+    tr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    tr.add_argument("--batch-nodes", type=int, default=4096,
+                    help="node budget of a batch (cone samples packed together)")
+    tr.add_argument("--full-graphs", action="store_true",
+                    help="batches of whole circuits instead of cone samples")
+    tr.add_argument("--train", help="comma-separated training circuits (default: family split)")
+    tr.add_argument("--val", help="comma-separated validation circuits")
+    tr.add_argument("--test", help="comma-separated test circuits")
+    tr.add_argument("--eval-every", type=int, default=50,
+                    help="validate every N steps (0: only at the end)")
+    tr.add_argument("--eval-max-nodes", type=int, default=None,
+                    help="evaluate circuits bigger than this on cone samples (default: full graphs)")
+    tr.add_argument("--checkpoint-every", type=int, default=None,
+                    help="write the checkpoint every N steps (default: --eval-every)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    tr.add_argument("--out", default="gsr-train", help="folder for checkpoint, metrics, plot")
+    tr.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                    help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
+    tr.add_argument("--overwrite", action="store_true", help="start over in a used --out folder")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(run=_train)
     return parser
 
 

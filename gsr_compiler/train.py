@@ -1,0 +1,646 @@
+"""``gsr train``: train a deep residual GNN on real circuits, evaluate it on held-out ones.
+
+The task is per-node regression of one circuit label (:mod:`gsr_compiler.circuits`):
+
+==================  =========================  ======================
+``--label``         regression target          cone direction
+==================  =========================  ======================
+``level``           ``level_norm`` (level/depth)  fan-in
+``reverse_level``   ``reverse_level_norm``      fan-out
+``prob``            ``prob``                    fan-in
+``toggle``          ``toggle``                  fan-in
+==================  =========================  ======================
+
+Circuits are split by family (:func:`~gsr_compiler.circuits.split_by_family`: the deep
+EPFL arithmetic circuits are the test set) unless ``train``/``val``/``test`` lists are
+given. Each step trains on one batch of at most ``batch_nodes`` nodes: cone samples
+(:class:`~gsr_compiler.circuits.ConeSampler`, whose every node keeps its exact label)
+packed together, or whole circuits with ``full_graphs=True``. The batch of step ``s`` is a
+pure function of ``(seed, s)``, and checkpoints hold the model, the optimizer, the step and
+the torch random state, so ``resume`` continues a run exactly where it stopped.
+
+Outputs in ``out``: ``checkpoint.pt`` (written atomically), ``metrics.json`` (test metrics
+per circuit and averaged, validation history, timings) and ``scatter.png`` (predicted vs
+true on each test circuit). See ``docs/training.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TrainConfig", "TrainResult", "LABEL_TARGETS", "train", "validate_config"]
+
+#: ``--label`` -> the ``Data`` attribute regressed, and the cone direction that keeps it exact.
+LABEL_TARGETS: dict[str, tuple[str, str]] = {
+    "level": ("level_norm", "fanin"),
+    "reverse_level": ("reverse_level_norm", "fanout"),
+    "prob": ("prob", "fanin"),
+    "toggle": ("toggle", "fanin"),
+}
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+SCATTER = "scatter.png"
+CHECKPOINT_VERSION = 1
+
+# Options that define the run: a checkpoint may only be resumed with the same values.
+# (steps, eval_every, checkpoint_every, device, out and progress may change on resume.)
+_RUN_DEFINING = ("label", "conv", "depth", "width", "groups", "gsr", "dropout", "lr",
+                 "weight_decay", "clip", "batch_nodes", "full_graphs", "train", "seed")
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`train` (the ``gsr train`` flags, same names)."""
+
+    label: str = "level"
+    conv: str = "sage"
+    depth: int = 16
+    width: int = 32
+    groups: int = 2
+    gsr: bool = False
+    dropout: float = 0.0
+    steps: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    clip: Optional[float] = 1.0  # gradient-norm clipping; None or 0: off
+    batch_nodes: int = 4096
+    full_graphs: bool = False
+    train: Optional[list[str]] = None  # None: split_by_family() sides
+    val: Optional[list[str]] = None
+    test: Optional[list[str]] = None
+    eval_every: int = 50  # 0: validate only at the end
+    eval_max_nodes: Optional[int] = None  # bigger eval circuits: scored on cone samples
+    checkpoint_every: Optional[int] = None  # default: eval_every (or only at the end)
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "gsr-train"
+    resume: Optional[str] = None  # a checkpoint path, or "auto" for <out>/checkpoint.pt
+    overwrite: bool = False
+    progress: bool = True
+    cache_dir: Optional[str] = None
+
+    def run_defining(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _RUN_DEFINING}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (``metrics`` is what ``metrics.json`` holds)."""
+
+    metrics: dict
+    out_dir: str
+    checkpoint: str
+    metrics_path: str
+    scatter_path: Optional[str]
+    model: nn.Module = field(repr=False)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, "
+                         f"got {value!r}")
+
+
+def _circuit_names(names: Optional[Sequence[str]], side: str) -> Optional[list[str]]:
+    if names is None:
+        return None
+    from .circuits.loading import resolve_circuit
+
+    names = [str(n) for n in names]
+    if not names and side != "val":
+        raise ValueError(f"--{side} needs at least one circuit")
+    for name in names:
+        resolve_circuit(name)  # UnknownCircuitError (near matches) / FileNotFoundError
+    return names
+
+
+def _resume_path(cfg: TrainConfig) -> Optional[str]:
+    if cfg.resume is None:
+        return None
+    return os.path.join(cfg.out, CHECKPOINT) if cfg.resume == "auto" else cfg.resume
+
+
+def validate_config(cfg: TrainConfig) -> TrainConfig:
+    """Checks every option and resolves the circuit split; raises ``ValueError``,
+    ``LookupError`` or ``OSError`` with a clear message. Writes nothing."""
+    from .circuits import split_by_family
+    from .models import CONVS
+
+    if cfg.label not in LABEL_TARGETS:
+        raise ValueError(f"unknown label {cfg.label!r}; choose one of {', '.join(LABEL_TARGETS)}")
+    if cfg.conv not in CONVS:
+        raise ValueError(f"unknown conv {cfg.conv!r}; choose one of {', '.join(CONVS)}")
+    for name in ("depth", "width", "steps", "batch_nodes"):
+        _positive_int(name, getattr(cfg, name))
+    _positive_int("eval_every", cfg.eval_every, minimum=0)
+    if cfg.checkpoint_every is not None:
+        _positive_int("checkpoint_every", cfg.checkpoint_every)
+    if cfg.eval_max_nodes is not None:
+        _positive_int("eval_max_nodes", cfg.eval_max_nodes)
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr!r}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be >= 0, got {cfg.weight_decay!r}")
+    if cfg.clip is not None and not (math.isfinite(cfg.clip) and cfg.clip >= 0):
+        raise ValueError(f"--clip must be >= 0 (0: no clipping), got {cfg.clip!r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout!r}")
+    if cfg.gsr:
+        from .config import GSRConfig
+
+        GSRConfig(groups=cfg.groups)  # GSRCompileError (a clear message) for groups < 2
+        if cfg.width % cfg.groups:
+            raise ValueError(f"--width {cfg.width} is not divisible by --groups {cfg.groups}: "
+                             "each reversible group gets width/groups channels")
+    branch_width = cfg.width // cfg.groups if cfg.gsr else cfg.width
+    if cfg.conv == "gat" and branch_width % 4:
+        raise ValueError(f"--conv gat uses 4 heads, so the branch width ({branch_width}"
+                         f"{' = width/groups' if cfg.gsr else ''}) must be a multiple of 4")
+    device = str(cfg.device)
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__})")
+        try:
+            index = torch.device(device).index
+        except RuntimeError as e:
+            raise ValueError(f"--device {device}: {e}") from None
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+    # the circuit split
+    train_names = _circuit_names(cfg.train, "train")
+    val_names = _circuit_names(cfg.val, "val")
+    test_names = _circuit_names(cfg.test, "test")
+    if train_names is None or test_names is None:
+        split = split_by_family()
+        train_names = split.train if train_names is None else train_names
+        test_names = split.test if test_names is None else test_names
+        if val_names is None and cfg.train is None and cfg.test is None:
+            val_names = split.val
+    sides = {"train": train_names, "val": val_names or [], "test": test_names}
+    for a, b in (("train", "test"), ("train", "val")):
+        both = sorted(set(sides[a]) & set(sides[b]))
+        if both:
+            raise ValueError(f"circuit(s) {', '.join(both)} are in both --{a} and --{b}")
+
+    # the output folder
+    resume = _resume_path(cfg)
+    existing = os.path.join(cfg.out, CHECKPOINT)
+    if resume is not None:
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"--resume: no checkpoint at {resume}")
+    elif os.path.exists(existing) and not cfg.overwrite:
+        raise ValueError(f"{cfg.out} already holds a run ({existing}); pass --resume to continue "
+                         "it or --overwrite to start over")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out} exists and is not a folder")
+
+    return dataclasses.replace(cfg, train=list(sides["train"]), val=list(sides["val"]),
+                               test=list(sides["test"]), device=device,
+                               clip=cfg.clip if cfg.clip else None)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class _Batch:
+    x: Tensor
+    edge_index: Tensor
+    target: Tensor
+    mask: Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.x.shape[0])
+
+    def to(self, device: torch.device) -> "_Batch":
+        return _Batch(*(t.to(device, non_blocking=True) for t in
+                        (self.x, self.edge_index, self.target, self.mask)))
+
+
+def _pack(parts: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]) -> _Batch:
+    """Disjoint union of graphs (x, edge_index, target, mask)."""
+    if len(parts) == 1:
+        return _Batch(*parts[0])
+    offsets = np.cumsum([0] + [p[0].shape[0] for p in parts[:-1]])
+    return _Batch(
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] + int(o) for p, o in zip(parts, offsets)], dim=1),
+        torch.cat([p[2] for p in parts]),
+        torch.cat([p[3] for p in parts]),
+    )
+
+
+def _graph(data, target: str, mask=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    mask = torch.ones(data.num_nodes, dtype=torch.bool) if mask is None else mask
+    return data.x.float(), data.edge_index, getattr(data, target).float(), mask
+
+
+class _BatchSchedule:
+    """Batch of step ``s`` as a pure function of ``(seed, s)``: resuming needs no sampler state."""
+
+    def __init__(self, datas: list, cfg: TrainConfig) -> None:
+        from .circuits import ConeSampler
+
+        self.datas, self.seed, self.budget = datas, cfg.seed, cfg.batch_nodes
+        self.target, direction = LABEL_TARGETS[cfg.label]
+        sizes = np.array([d.num_nodes for d in datas], dtype=np.float64)
+        if cfg.full_graphs:
+            self.sampler = None
+            # whole circuits, packed largest first into batches of at most batch_nodes
+            # (a circuit bigger than that is a batch of its own); batch order shuffled per epoch
+            bins: list[list[int]] = []
+            room: list[int] = []
+            for i in np.argsort(-sizes, kind="stable"):
+                n = int(sizes[i])
+                j = next((j for j, r in enumerate(room) if r >= n), None)
+                if j is None:
+                    bins.append([int(i)])
+                    room.append(self.budget - n)
+                else:
+                    bins[j].append(int(i))
+                    room[j] -= n
+            self.bins = [_pack([_graph(datas[i], self.target) for i in b]) for b in bins]
+        else:
+            self.sampler = ConeSampler(datas, cfg.batch_nodes, direction=direction,
+                                       shuffle=False, seed=cfg.seed)
+            self.weights = sizes / sizes.sum()  # every node equally likely
+
+    def __call__(self, step: int) -> _Batch:
+        rng = np.random.default_rng([self.seed, step])
+        if self.sampler is None:
+            epoch, i = divmod(step, len(self.bins))
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.bins))
+            return self.bins[int(order[i])]
+        # Circuits in a random order weighted by size, each at most once per batch: a circuit
+        # that fits what is left of the budget whole, a bigger one as a cone sample of that
+        # size. Stops when the budget is (nearly) full or after 8 circuits that did not fit.
+        self.sampler.rng = rng
+        order = rng.choice(len(self.datas), size=len(self.datas), replace=False, p=self.weights)
+        parts, total, misses = [], 0, 0
+        try:
+            for i in order:
+                left = self.budget - total
+                if left < 32 or misses >= 8:
+                    break
+                self.sampler.max_nodes = left
+                try:
+                    sample = self.sampler.sample(int(i))
+                except ValueError:  # no cone of this circuit fits in what is left
+                    misses += 1
+                    continue
+                parts.append(_graph(sample, self.target, sample.score_mask))
+                total += sample.num_nodes
+        finally:
+            self.sampler.max_nodes = self.budget
+        return _pack(parts)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data, cfg: TrainConfig, device: torch.device
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(pred, target, scored)`` for every node of one circuit.
+
+    The full graph in one forward pass, or, for circuits bigger than ``eval_max_nodes``,
+    fixed cone samples covering the circuit (``scored`` marks nodes whose whole cone was in
+    a sample; the deepest nodes of very deep circuits may be left out).
+    """
+    from .circuits import ConeSampler
+
+    target_name, direction = LABEL_TARGETS[cfg.label]
+    target = getattr(data, target_name).float().numpy()
+    model.eval()
+    if cfg.eval_max_nodes is None or data.num_nodes <= cfg.eval_max_nodes:
+        pred = model(data.x.float().to(device), data.edge_index.to(device))
+        return pred.squeeze(-1).float().cpu().numpy(), target, np.ones(target.size, bool)
+    pred = np.zeros(target.size, np.float32)
+    scored = np.zeros(target.size, bool)
+    sampler = ConeSampler(data, cfg.eval_max_nodes, direction=direction, shuffle=False,
+                          seed=cfg.seed + 12345)
+    for sample in sampler:
+        out = model(sample.x.float().to(device), sample.edge_index.to(device))
+        keep = sample.score_mask.numpy()
+        nodes = sample.n_id.numpy()[keep]
+        pred[nodes] = out.squeeze(-1).float().cpu().numpy()[keep]
+        scored[nodes] = True
+    return pred, target, scored
+
+
+def evaluate(model: nn.Module, datas: list, cfg: TrainConfig, device: torch.device,
+             keep_predictions: bool = False) -> tuple[dict, dict]:
+    """Metrics per circuit and their average; optionally the predictions too."""
+    from .circuits import average_metrics, regression_metrics
+
+    per, preds = {}, {}
+    for data in datas:
+        pred, target, scored = predict(model, data, cfg, device)
+        if not np.isfinite(pred[scored]).all():
+            raise FloatingPointError(f"the model predicts NaN/inf on {data.name}")
+        per[data.name] = regression_metrics(pred, target, scored)
+        if keep_predictions:
+            preds[data.name] = (pred[scored], target[scored])
+    return {"per_circuit": per, "average": average_metrics(per) if per else {}}, preds
+
+
+def _jsonable(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None  # strict JSON has no NaN
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "as_dict"):
+        return _jsonable(value.as_dict())
+    return value
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                               suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _rng_untouched(device: torch.device):
+    """Evaluation must not move the training random stream (the first ``eval()`` call of a
+    compiled model traces and initializes layers): resumed runs stay exact."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
+def save_scatter(preds: dict, metrics: dict, path: str, title: str) -> str:
+    """Predicted vs true per test circuit, one panel each (PNG, written atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(preds)
+    cols = min(3, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig = Figure(figsize=(4 * cols, 3.6 * rows + 0.5), dpi=100)
+    FigureCanvasAgg(fig)
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        pred, true = preds[name]
+        if true.size > 20_000:  # keep the file small; the metrics use every node
+            pick = rng.choice(true.size, 20_000, replace=False)
+            pred, true = pred[pick], true[pick]
+        ax.scatter(true, pred, s=2, alpha=0.25, linewidths=0, rasterized=True)
+        if true.size:
+            lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+            ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--")
+        m = metrics[name]
+        ax.set_title(f"{name}: r={m.pearson:.3f}, tau={m.kendall:.3f}", fontsize=9)
+        ax.set_xlabel("true", fontsize=8)
+        ax.set_ylabel("predicted", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _build_model(cfg: TrainConfig, in_channels: int, example: _Batch,
+                 device: torch.device) -> nn.Module:
+    from .models import ResidualGNN
+
+    torch.manual_seed(cfg.seed)
+    model = ResidualGNN(in_channels, cfg.width, 1, cfg.depth, conv=cfg.conv,
+                        dropout=cfg.dropout).to(device)
+    if cfg.gsr:
+        from . import gsr_compile
+
+        # example_inputs compiles now, so the optimizer sees the rewritten parameters
+        model = gsr_compile(model, groups=cfg.groups,
+                            example_inputs=(example.x, example.edge_index))
+    return model
+
+
+def _load_circuits(names: Sequence[str], cfg: TrainConfig, log,
+                   loaded: Optional[dict] = None) -> list:
+    from .circuits import load_circuit
+
+    datas = []
+    for name in names:
+        key = (name, cfg.label)
+        data = loaded.get(key) if loaded is not None else None
+        if data is None:
+            data = load_circuit(name, labels=(cfg.label,), cache_dir=cfg.cache_dir)
+            if loaded is not None:
+                loaded[key] = data
+        datas.append(data)
+    if names:
+        log(f"  {len(names)} circuit(s), {sum(d.num_nodes for d in datas):,} nodes")
+    return datas
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print,
+          loaded: Optional[dict] = None) -> TrainResult:
+    """Trains (or resumes) a run; writes the checkpoint, ``metrics.json`` and ``scatter.png``.
+
+    ``loaded``: an optional dict ``{(circuit, label): Data}`` reused and filled across calls
+    (a script that trains many models loads each circuit once).
+    """
+    from tqdm import tqdm
+
+    cfg = validate_config(cfg)
+    device = torch.device(cfg.device)
+    resume = _resume_path(cfg)
+    checkpoint = None
+    if resume is not None:
+        checkpoint = torch.load(resume, map_location="cpu", weights_only=False)
+        if checkpoint.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{resume}: not a gsr train checkpoint of version {CHECKPOINT_VERSION}")
+        saved = checkpoint["config"]
+        differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+                  for k, v in cfg.run_defining().items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(f"--resume {resume} was made with other options:\n  "
+                             + "\n  ".join(differ))
+        if checkpoint["step"] > cfg.steps:
+            raise ValueError(f"--resume {resume} is at step {checkpoint['step']}, beyond "
+                             f"--steps {cfg.steps}")
+
+    target_name, _ = LABEL_TARGETS[cfg.label]
+    log(f"task: {cfg.label} (regress {target_name}); model: {cfg.depth} x {cfg.conv}, width "
+        f"{cfg.width}, {'gsr_compile groups=' + str(cfg.groups) if cfg.gsr else 'plain'}; "
+        f"device {device}")
+    log("loading train circuits")
+    train_data = _load_circuits(cfg.train, cfg, log, loaded)
+    log("loading validation circuits" if cfg.val else "no validation circuits")
+    val_data = _load_circuits(cfg.val, cfg, log, loaded)
+    log("loading test circuits")
+    test_data = _load_circuits(cfg.test, cfg, log, loaded)
+
+    schedule = _BatchSchedule(train_data, cfg)
+    start = checkpoint["step"] if checkpoint else 0
+    model = _build_model(cfg, train_data[0].x.shape[1], schedule(start).to(device), device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: list[dict] = []
+    train_seconds = 0.0
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        _set_rng_state(checkpoint["rng"], device)
+        history = checkpoint["history"]
+        train_seconds = checkpoint["train_seconds"]
+        log(f"resumed {resume} at step {start}")
+    else:
+        torch.manual_seed(cfg.seed + 1)  # the stream dropout draws from
+    num_params = sum(p.numel() for p in model.parameters())
+    log(f"{num_params:,} parameters; {cfg.steps - start} step(s) to go, batches of up to "
+        f"{cfg.batch_nodes} nodes ({'whole circuits' if cfg.full_graphs else 'cone samples'})")
+
+    os.makedirs(cfg.out, exist_ok=True)
+    checkpoint_path = os.path.join(cfg.out, CHECKPOINT)
+    every_ckpt = cfg.checkpoint_every or cfg.eval_every or cfg.steps
+
+    def save_checkpoint(step: int) -> None:
+        state = {"version": CHECKPOINT_VERSION, "config": cfg.run_defining(), "step": step,
+                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "rng": _rng_state(device), "history": history, "train_seconds": train_seconds}
+        _atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    def validate(step: int) -> Optional[dict]:
+        if not val_data:
+            return None
+        with _rng_untouched(device):
+            result, _ = evaluate(model, val_data, cfg, device)
+        return _jsonable(result["average"])
+
+    loss_value, val_pearson = float("nan"), None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+               unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    window: list[float] = []
+    for step in bar:
+        tick = time.perf_counter()
+        batch = schedule(step).to(device)
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        pred = model(batch.x, batch.edge_index).squeeze(-1)
+        loss = torch.nn.functional.mse_loss(pred[batch.mask], batch.target[batch.mask])
+        loss.backward()
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; lower --lr or "
+                                     "keep --clip on")
+        train_seconds += time.perf_counter() - tick
+        window.append(loss_value)
+        done = step + 1
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            row = {"step": done, "loss": float(np.mean(window)), "train_seconds": train_seconds}
+            window = []
+            val = validate(done)
+            if val is not None:
+                row["val"] = val
+                val_pearson = val.get("pearson")
+            history.append(row)
+        if done % every_ckpt == 0 or done == cfg.steps:
+            save_checkpoint(done)
+        postfix = {"loss": f"{loss_value:.4f}", "nodes": batch.num_nodes}
+        if val_pearson is not None:
+            postfix["val_r"] = f"{val_pearson:.3f}"
+        bar.set_postfix(postfix)
+    bar.close()
+    if start == cfg.steps:
+        log("the checkpoint is already at --steps; evaluating it")
+
+    log(f"evaluating on {len(test_data)} test circuit(s)"
+        + (f" (cone samples for circuits over {cfg.eval_max_nodes} nodes)"
+           if cfg.eval_max_nodes else " (full graphs)"))
+    tick = time.perf_counter()
+    test, preds = evaluate(model, test_data, cfg, device, keep_predictions=True)
+    eval_seconds = time.perf_counter() - tick
+    for name, m in test["per_circuit"].items():
+        log(f"  {name:12s} pearson {m.pearson:6.3f}  spearman {m.spearman:6.3f}  kendall "
+            f"{m.kendall:6.3f}  r2 {m.r2:7.3f}  mae {m.mae:.4f}  ({m.n:,} nodes)")
+    avg = test["average"]
+    log(f"  {'average':12s} pearson {avg['pearson']:6.3f}  spearman {avg['spearman']:6.3f}  "
+        f"kendall {avg['kendall']:6.3f}  r2 {avg['r2']:7.3f}  mae {avg['mae']:.4f}")
+
+    config_record = {k: v for k, v in dataclasses.asdict(cfg).items()
+                     if k not in ("progress", "overwrite")}
+    metrics = _jsonable({
+        "config": config_record,
+        "target": target_name,
+        "steps": cfg.steps,
+        "parameters": num_params,
+        "evaluation": ("full graphs" if cfg.eval_max_nodes is None else
+                       f"full graphs up to {cfg.eval_max_nodes} nodes, cone samples beyond"),
+        "test": {"average": test["average"],
+                 "per_circuit": {k: v.as_dict() for k, v in test["per_circuit"].items()}},
+        "val_history": history,
+        "final_loss": history[-1]["loss"] if history else None,
+        "train_seconds": train_seconds,
+        "test_eval_seconds": eval_seconds,
+        "device": str(device),
+        "torch": torch.__version__,
+    })
+    metrics_path = os.path.join(cfg.out, METRICS)
+    _atomic_write(metrics_path, lambda tmp: _dump_json(metrics, tmp))
+    scatter_path = os.path.join(cfg.out, SCATTER)
+    save_scatter(preds, test["per_circuit"], scatter_path,
+                 f"{cfg.label}: {cfg.depth} x {cfg.conv}, width {cfg.width}"
+                 f"{', gsr' if cfg.gsr else ''}, {cfg.steps} steps")
+    log(f"wrote {checkpoint_path}, {metrics_path}, {scatter_path}")
+    return TrainResult(metrics, cfg.out, checkpoint_path, metrics_path, scatter_path, model)
+
+
+def _dump_json(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+        f.write("\n")

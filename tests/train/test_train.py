@@ -1,0 +1,120 @@
+"""`gsr train` end to end at a tiny size: outputs, exact resume, clear errors that write nothing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gsr_compiler.cli import main as gsr_main
+
+TINY = ["--train", "c432,c880", "--val", "c17", "--test", "c432g,c499", "--depth", "4",
+        "--width", "8", "--batch-nodes", "400", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    # one cache for the whole folder (each circuit parsed once), never the user's
+    cache = tmp_path_factory.getbasetemp() / "train_cache"
+    monkeypatch.setenv("GSR_CACHE_DIR", str(cache))
+
+
+def run(*argv: str) -> int:
+    return gsr_main(["train", *TINY, *argv])
+
+
+@pytest.mark.parametrize("mode", [["--gsr"], [], ["--full-graphs", "--label", "prob"]],
+                         ids=["gsr", "plain", "plain-full-graphs-prob"])
+def test_writes_metrics_scatter_and_checkpoint(tmp_path, mode, capsys):
+    out = tmp_path / "run"
+    assert run("--steps", "3", "--eval-every", "2", "--out", str(out), *mode) == 0
+    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "metrics.json", "scatter.png"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]["per_circuit"]) == {"c432g", "c499"}
+    for m in [*metrics["test"]["per_circuit"].values(), metrics["test"]["average"]]:
+        for key in ("pearson", "spearman", "kendall", "r2", "mae"):
+            assert isinstance(m[key], float), key
+    assert metrics["config"]["gsr"] is ("--gsr" in mode)
+    assert [row["step"] for row in metrics["val_history"]] == [2, 3]
+    assert "val" in metrics["val_history"][0]
+    assert (out / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "average" in capsys.readouterr().out
+
+
+def _state(out):
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    return ckpt["step"], ckpt["model"], ckpt["optimizer"]["state"]
+
+
+@pytest.mark.parametrize("mode", [["--gsr"], []], ids=["gsr", "plain"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, mode):
+    # dropout on, so the random stream must be restored too; validation in between
+    common = ["--dropout", "0.2", "--eval-every", "2", "--seed", "3", *mode]
+    other_seed = ["--dropout", "0.2", "--eval-every", "2", "--seed", "4", *mode]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run("--steps", "6", "--out", str(whole), *common) == 0
+    assert run("--steps", "3", "--out", str(part), *common) == 0
+    assert run("--steps", "6", "--out", str(part), "--resume", *common) == 0
+    step_a, model_a, opt_a = _state(whole)
+    step_b, model_b, opt_b = _state(part)
+    assert step_a == step_b == 6
+    assert model_a.keys() == model_b.keys()
+    for name in model_a:
+        assert torch.equal(model_a[name], model_b[name]), name
+    for k in opt_a:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a[k][key], opt_b[k][key])
+    # (and the comparison can fail: another seed gives other parameters)
+    other = tmp_path / "other"
+    assert run("--steps", "6", "--out", str(other), *other_seed) == 0
+    _, model_c, _ = _state(other)
+    assert any(not torch.equal(model_a[k], model_c[k]) for k in model_a)
+
+
+BAD = {
+    "unknown conv": (["--conv", "sagee"], "sagee"),
+    "zero depth": (["--depth", "0"], "--depth"),
+    "width not divisible by groups": (["--gsr", "--width", "9"], "divisible"),
+    "one group": (["--gsr", "--groups", "1"], "groups"),
+    "negative lr": (["--lr", "-1"], "--lr"),
+    "unknown circuit": (["--test", "c4320"], "c432"),
+    "train and test overlap": (["--test", "c432"], "both"),
+    "missing checkpoint": (["--resume"], "no checkpoint"),
+}
+
+
+@pytest.mark.parametrize("argv, message", BAD.values(), ids=BAD.keys())
+def test_bad_option_errors_and_writes_nothing(tmp_path, argv, message, capsys):
+    out = tmp_path / "run"
+    assert run("--steps", "2", "--out", str(out), *argv) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and message in err
+    assert not out.exists()
+
+
+def test_cuda_unavailable_is_a_clear_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    out = tmp_path / "run"
+    assert run("--steps", "2", "--out", str(out), "--device", "cuda") == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_label_is_rejected_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run("--label", "delay", "--out", str(tmp_path / "run"))
+    assert "delay" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_used_folder_needs_resume_or_overwrite_and_resume_checks_options(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("--steps", "2", "--out", str(out)) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert run("--steps", "2", "--out", str(out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert run("--steps", "4", "--out", str(out), "--resume", "--width", "16") == 2
+    assert "width" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
