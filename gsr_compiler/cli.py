@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
     names = lambda text: None if text is None else [n for n in text.split(",") if n]  # noqa: E731
     train(TrainConfig(
         label=args.label, conv=args.conv, depth=args.depth, width=args.width, groups=args.groups,
-        gsr=args.gsr, dropout=args.dropout, steps=args.steps, lr=args.lr,
+        gsr=args.gsr, sparse_k=args.sparse_k, dropout=args.dropout, steps=args.steps, lr=args.lr,
         weight_decay=args.weight_decay, clip=args.clip, batch_nodes=args.batch_nodes,
         full_graphs=args.full_graphs, train=names(args.train), val=names(args.val),
         test=names(args.test), eval_every=args.eval_every, eval_max_nodes=args.eval_max_nodes,
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--width", type=int, default=32, help="channels")
     tr.add_argument("--gsr", action="store_true", help="compile with gsr_compile (reversible)")
     tr.add_argument("--groups", type=int, default=2, help="channel groups with --gsr")
+    tr.add_argument("--sparse-k", type=int, default=None,
+                    help="with --gsr: keep the k largest values per node and group instead of "
+                         "ReLU (default: dense ReLU)")
     tr.add_argument("--dropout", type=float, default=0.0)
     tr.add_argument("--steps", type=int, default=200, help="total optimizer steps")
     tr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")

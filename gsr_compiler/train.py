@@ -55,7 +55,7 @@ CHECKPOINT_VERSION = 1
 
 # Options that define the run: a checkpoint may only be resumed with the same values.
 # (steps, eval_every, checkpoint_every, device, out and progress may change on resume.)
-_RUN_DEFINING = ("label", "conv", "depth", "width", "groups", "gsr", "dropout", "lr",
+_RUN_DEFINING = ("label", "conv", "depth", "width", "groups", "gsr", "sparse_k", "dropout", "lr",
                  "weight_decay", "clip", "batch_nodes", "full_graphs", "train", "seed")
 
 
@@ -69,6 +69,7 @@ class TrainConfig:
     width: int = 32
     groups: int = 2
     gsr: bool = False
+    sparse_k: Optional[int] = None  # with gsr: GSRConfig.sparse_k (None: dense ReLU)
     dropout: float = 0.0
     steps: int = 200
     lr: float = 1e-3
@@ -167,6 +168,14 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"--width {cfg.width} is not divisible by --groups {cfg.groups}: "
                              "each reversible group gets width/groups channels")
     branch_width = cfg.width // cfg.groups if cfg.gsr else cfg.width
+    if cfg.sparse_k is not None:
+        if not cfg.gsr:
+            raise ValueError("--sparse-k needs --gsr: the group top-k replaces the ReLU inside "
+                             "reversible blocks")
+        _positive_int("sparse_k", cfg.sparse_k)
+        if cfg.sparse_k > branch_width:
+            raise ValueError(f"--sparse-k {cfg.sparse_k} must be in 1..{branch_width} (the width "
+                             f"of one reversible group, width/groups)")
     if cfg.conv == "gat" and branch_width % 4:
         raise ValueError(f"--conv gat uses 4 heads, so the branch width ({branch_width}"
                          f"{' = width/groups' if cfg.gsr else ''}) must be a multiple of 4")
@@ -462,9 +471,16 @@ def _build_model(cfg: TrainConfig, in_channels: int, example: _Batch,
         from . import gsr_compile
 
         # example_inputs compiles now, so the optimizer sees the rewritten parameters
-        model = gsr_compile(model, groups=cfg.groups,
+        model = gsr_compile(model, groups=cfg.groups, sparse_k=cfg.sparse_k,
                             example_inputs=(example.x, example.edge_index))
     return model
+
+
+def _describe_compile(cfg: TrainConfig) -> str:
+    if not cfg.gsr:
+        return "plain"
+    sparse = f", sparse_k={cfg.sparse_k}" if cfg.sparse_k is not None else ""
+    return f"gsr_compile groups={cfg.groups}{sparse}"
 
 
 def _load_circuits(names: Sequence[str], cfg: TrainConfig, log,
@@ -514,7 +530,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
 
     target_name, _ = LABEL_TARGETS[cfg.label]
     log(f"task: {cfg.label} (regress {target_name}); model: {cfg.depth} x {cfg.conv}, width "
-        f"{cfg.width}, {'gsr_compile groups=' + str(cfg.groups) if cfg.gsr else 'plain'}; "
+        f"{cfg.width}, {_describe_compile(cfg)}; "
         f"device {device}")
     log("loading train circuits")
     train_data = _load_circuits(cfg.train, cfg, log, loaded)
@@ -635,7 +651,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     scatter_path = os.path.join(cfg.out, SCATTER)
     save_scatter(preds, test["per_circuit"], scatter_path,
                  f"{cfg.label}: {cfg.depth} x {cfg.conv}, width {cfg.width}"
-                 f"{', gsr' if cfg.gsr else ''}, {cfg.steps} steps")
+                 f"{', ' + _describe_compile(cfg) if cfg.gsr else ''}, {cfg.steps} steps")
     log(f"wrote {checkpoint_path}, {metrics_path}, {scatter_path}")
     return TrainResult(metrics, cfg.out, checkpoint_path, metrics_path, scatter_path, model)
 

@@ -23,8 +23,9 @@ def run(*argv: str) -> int:
     return gsr_main(["train", *TINY, *argv])
 
 
-@pytest.mark.parametrize("mode", [["--gsr"], [], ["--full-graphs", "--label", "prob"]],
-                         ids=["gsr", "plain", "plain-full-graphs-prob"])
+@pytest.mark.parametrize("mode", [["--gsr"], ["--gsr", "--sparse-k", "2"], [],
+                                  ["--full-graphs", "--label", "prob"]],
+                         ids=["gsr", "gsr-sparse", "plain", "plain-full-graphs-prob"])
 def test_writes_metrics_scatter_and_checkpoint(tmp_path, mode, capsys):
     out = tmp_path / "run"
     assert run("--steps", "3", "--eval-every", "2", "--out", str(out), *mode) == 0
@@ -77,6 +78,8 @@ BAD = {
     "width not divisible by groups": (["--gsr", "--width", "9"], "divisible"),
     "one group": (["--gsr", "--groups", "1"], "groups"),
     "negative lr": (["--lr", "-1"], "--lr"),
+    "sparse-k without gsr": (["--sparse-k", "2"], "--gsr"),
+    "sparse-k above the group width": (["--gsr", "--sparse-k", "5"], "1..4"),
     "unknown circuit": (["--test", "c4320"], "c432"),
     "train and test overlap": (["--test", "c432"], "both"),
     "missing checkpoint": (["--resume"], "no checkpoint"),
