@@ -44,6 +44,7 @@ from ..runtime.sparse import (CompressedDropout, CompressedGCNConv, CompressedGI
                               CompressedGraphConv, CompressedLinear, CompressedSAGEConv,
                               GroupTopK, GroupTopKCompress, compression_ratio)
 from ..runtime.sparse.conv import COMPRESSED_AGGREGATIONS
+from .unused_submodules import delete_unused_submodules
 
 RELU_FUNCTIONS = {F.relu: False, torch.relu: False, F.relu_: True, torch.relu_: True}  # -> in place
 RELU_METHODS = {"relu": False, "relu_": True}
@@ -237,7 +238,7 @@ class _BranchRewriter:
                 else:
                     self._replace(node)
         self.graph.lint()
-        self.branch.delete_all_unused_submodules()
+        delete_unused_submodules(self.branch)
         self.branch.recompile()
         return self.summary
 

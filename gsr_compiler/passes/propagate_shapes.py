@@ -2,12 +2,14 @@
 
 Runs ``torch.fx.passes.shape_prop.ShapeProp`` on the real inputs, without grad, with
 the random generators forked and all buffers restored afterwards, so that the user's
-BatchNorm statistics and random stream are exactly as if nothing had run.
+BatchNorm statistics and random stream are exactly as if nothing had run. Dropout modules
+run in eval mode meanwhile: same shapes, without drawing a mask per layer (which is a
+large part of the pass on a deep model).
 """
 from __future__ import annotations
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -22,10 +24,16 @@ class PropagateShapes(PassBase):
         buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
         cuda = sorted({t.device.index or 0 for t in self.inputs
                        if isinstance(t, torch.Tensor) and t.is_cuda})
+        dropouts = [m for m in gm.modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+                    and m.training]
         try:
+            for m in dropouts:
+                m.training = False
             with torch.no_grad(), torch.random.fork_rng(devices=cuda, device_type="cuda"):
                 ShapeProp(gm).propagate(*self.inputs)
         finally:
+            for m in dropouts:
+                m.training = True
             with torch.no_grad():
                 for name, b in gm.named_buffers():
                     b.copy_(buffers[name])

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .unused_submodules import delete_unused_submodules
+
 
 def _is_no_op(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
@@ -35,7 +37,7 @@ class RemoveNoOps(PassBase):
                 gm.graph.erase_node(node)
                 removed += 1
         if removed:
-            gm.delete_all_unused_submodules()
+            delete_unused_submodules(gm)
             gm.recompile()
             self.notes.append(f"{removed} identity / zero-rate dropout op(s) removed")
         return PassResult(gm, removed > 0)

@@ -17,6 +17,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..runtime.reversible import ReversibleChain
 from .find_residual_chains import ResidualBlock, ResidualChain
 from .narrow_width import narrow_module
+from .unused_submodules import delete_unused_submodules
 
 
 def extract_branch(gm: fx.GraphModule, block: ResidualBlock, groups: int) -> fx.GraphModule:
@@ -59,7 +60,7 @@ class ReversibleRewrite(PassBase):
         for chain in chains:
             self.chain_names.append(self._rewrite(gm, chain))
         if chains:
-            gm.delete_all_unused_submodules()
+            delete_unused_submodules(gm)
             gm.graph.lint()
             gm.recompile()
             depth = sum(len(c.blocks) for c in chains)
