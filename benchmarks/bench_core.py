@@ -15,21 +15,18 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baselines import GroupAddRevGNN  # noqa: E402
-
-from gsr_compiler import gsr_compile  # noqa: E402
-from gsr_compiler.memory import (FIXED_MMAP_THRESHOLD, measure_step_in_subprocess,  # noqa: E402
+from gsr_compiler import gsr_compile
+from gsr_compiler.bench.group_add_rev import GroupAddRevGNN
+from gsr_compiler.memory import (FIXED_MMAP_THRESHOLD, measure_step_in_subprocess,
                                  saved_bytes_of_step)
-from gsr_compiler.models import ResidualGNN  # noqa: E402
-from gsr_compiler.report import format_bytes  # noqa: E402
-from gsr_compiler.runtime.reversible import ReversibleChain  # noqa: E402
-from gsr_compiler.synthetic import random_graph  # noqa: E402
+from gsr_compiler.models import ResidualGNN
+from gsr_compiler.report import format_bytes
+from gsr_compiler.runtime.reversible import ReversibleChain
+from gsr_compiler.synthetic import random_graph
 
 
 def load_graph(args):

@@ -58,6 +58,39 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bench import BenchOptions, run_bench
+
+    def names(text):
+        return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+    def ints(flag, text):
+        if text is None:
+            return None
+        try:
+            return [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+    run_bench(BenchOptions(
+        out=args.out, quick=args.quick, device=args.device, baselines=names(args.baselines),
+        sweeps=names(args.sweeps), conv=args.conv, groups=args.groups, sparse_k=args.sparse_k,
+        dropout=args.dropout, circuit=args.circuit, depths=ints("--depths", args.depths),
+        width=args.width, widths=ints("--widths", args.widths), width_depth=args.width_depth,
+        circuits=names(args.circuits), size_depth=args.size_depth, cone_nodes=args.cone_nodes,
+        timing_steps=args.timing_steps,
+        quality_depths=ints("--quality-depths", args.quality_depths),
+        quality_baselines=names(args.quality_baselines), quality_steps=args.quality_steps,
+        label=args.label, batch_nodes=args.batch_nodes, lr=args.lr, train=names(args.train),
+        test=names(args.test), eval_max_nodes=args.eval_max_nodes,
+        memory_budget_gib=args.memory_budget, time_budget=args.time_budget,
+        threads=args.threads, seed=args.seed, progress=not args.no_progress,
+    ), command=shlex.join(["gsr", *args.argv]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gsr", description="Grouped-Sparse-Reversible GNN compiler")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,11 +156,68 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true", help="start over in a used --out folder")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(run=_train)
+
+    # listed here rather than imported: building the parser must not import torch
+    baselines = ("plain, checkpoint, deepgcn, groupaddrev, torch.compile, gsr-rev, gsr-sparse, "
+                 "gsr-full")
+    be = sub.add_parser(
+        "bench", help="benchmark GSR against plain, checkpointing, DeepGCN, GroupAddRev and "
+                      "torch.compile: memory, time and quality, with tables and plots",
+        description="Measures every baseline in a fresh process per configuration over depth, "
+                    "width and circuit-size sweeps, plus test quality after a fixed number of "
+                    "steps. Options left out take the preset's value (full run, or --quick).")
+    be.add_argument("--quick", action="store_true",
+                    help="small circuit, few depths, few steps (a few minutes on a small CPU)")
+    be.add_argument("--out", default="gsr-bench", help="results folder (results.md, .json, PNGs)")
+    be.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    be.add_argument("--baselines", help=f"comma-separated, of: {baselines} (default: all)")
+    be.add_argument("--sweeps",
+                    help="comma-separated, of: depth, width, size, quality (default: all)")
+    be.add_argument("--conv", default="sage", help="message-passing layer of every block")
+    be.add_argument("--groups", type=int, default=2, help="channel groups of the grouped forms")
+    be.add_argument("--sparse-k", type=int, default=None,
+                    help="values kept per node and group by the sparse GSR forms (default: g/8 "
+                         "of the group width g = width/groups)")
+    be.add_argument("--dropout", type=float, default=0.1)
+    be.add_argument("--circuit", help="graph of the depth and width sweeps (full: multiplier, "
+                                      "quick: c6288)")
+    be.add_argument("--depths", help="depth sweep, comma-separated (full: 8,16,...,1024)")
+    be.add_argument("--width", type=int, help="channels in the depth, size and quality sweeps")
+    be.add_argument("--widths", help="width sweep, comma-separated")
+    be.add_argument("--width-depth", type=int, help="depth of the width sweep")
+    be.add_argument("--circuits", help="size sweep, comma-separated (full: c6288 up to b19_Cg)")
+    be.add_argument("--size-depth", type=int, help="depth of the size sweep (full: 256)")
+    be.add_argument("--cone-nodes", type=int,
+                    help="circuits bigger than this are measured on one cone sample of this "
+                         "many nodes (0: full graphs)")
+    be.add_argument("--timing-steps", type=int, help="timed steps per configuration (median)")
+    be.add_argument("--quality-depths", help="depths trained for quality, comma-separated")
+    be.add_argument("--quality-baselines",
+                    help="baselines trained for quality (default: those whose function differs "
+                         "from plain's)")
+    be.add_argument("--quality-steps", type=int, help="optimizer steps per quality run")
+    be.add_argument("--label", default="level", help="label learned in the quality sweep")
+    be.add_argument("--batch-nodes", type=int, help="node budget of a training batch")
+    be.add_argument("--lr", type=float, default=1e-3)
+    be.add_argument("--train", help="training circuits, comma-separated (full: family split)")
+    be.add_argument("--test", help="test circuits, comma-separated (full: family split)")
+    be.add_argument("--eval-max-nodes", type=int,
+                    help="score test circuits bigger than this on cone samples")
+    be.add_argument("--memory-budget", type=float, metavar="GIB",
+                    help="stop a configuration whose resident memory passes this many GiB "
+                         "(default: 80%% of the memory available at start; CUDA: the device)")
+    be.add_argument("--time-budget", type=float, metavar="SECONDS",
+                    help="stop a configuration that runs longer (full: 1800, quick: 120)")
+    be.add_argument("--threads", type=int, help="torch threads per measuring process")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--no-progress", action="store_true", help="no progress bars")
+    be.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from .errors import GSRCompileError
 
     start = time.perf_counter()

@@ -113,8 +113,14 @@ def _reset_peak_rss() -> bool:
 
 
 def measure_step(model: nn.Module, inputs: Sequence, target=None,
-                 loss_fn: Callable = default_loss, timing_steps: int = 3) -> StepMeasurement:
-    """Measures a step in this process (call it in a fresh process for CPU RSS)."""
+                 loss_fn: Callable = default_loss, timing_steps: int = 3,
+                 count_saved: bool = True) -> StepMeasurement:
+    """Measures a step in this process (call it in a fresh process for CPU RSS).
+
+    ``timing_steps=0`` skips the timing (``step_seconds`` stays NaN) and
+    ``count_saved=False`` skips counting saved bytes, for a run that only wants the
+    peak memory (e.g. the second, fixed-mmap-threshold run on CPU).
+    """
     result = StepMeasurement()
     model.train()
     _step(model, inputs, target, loss_fn)  # warm-up: lazy compilation, grads allocated
@@ -138,7 +144,7 @@ def measure_step(model: nn.Module, inputs: Sequence, target=None,
             result.peak_rss, result.rss_rise = peak, peak - rss_before
     _zero_grads(model)
     times = []
-    for _ in range(max(timing_steps, 1)):
+    for _ in range(max(timing_steps, 0)):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -147,9 +153,11 @@ def measure_step(model: nn.Module, inputs: Sequence, target=None,
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
         _zero_grads(model)
-    result.step_seconds = statistics.median(times)
-    result.saved_bytes = saved_bytes_of_step(model, inputs, target, loss_fn)
-    _zero_grads(model)
+    if times:
+        result.step_seconds = statistics.median(times)
+    if count_saved:
+        result.saved_bytes = saved_bytes_of_step(model, inputs, target, loss_fn)
+        _zero_grads(model)
     return result
 
 
@@ -182,10 +190,29 @@ def measure_step_in_subprocess(model: nn.Module, inputs: Sequence, target=None,
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = saved_env
     try:
-        data = queue.get(timeout=3600)
+        data = _result_or_death(queue, proc)
     finally:
         proc.join()
     return StepMeasurement(**data)
+
+
+def _result_or_death(queue, proc, poll_seconds: float = 0.5) -> dict:
+    """The child's result, or an error once the child has died without sending one
+    (killed by the out-of-memory killer, a segfault): never waits forever."""
+    import queue as queue_module
+
+    while True:
+        try:
+            return queue.get(timeout=poll_seconds)
+        except queue_module.Empty:
+            if proc.is_alive():
+                continue
+        try:  # it may have sent its result just before exiting
+            return queue.get(timeout=poll_seconds)
+        except queue_module.Empty:
+            code = proc.exitcode
+            why = "; killed by a signal, often the out-of-memory killer" if (code or 0) < 0 else ""
+            return {"error": f"the measuring subprocess died (exit code {code}{why})"}
 
 
 @dataclass
