@@ -13,11 +13,15 @@ from .errors import GSRCompileError
 from .passes.find_residual_chains import FindResidualChains
 from .passes.functional_dropout_to_module import FunctionalDropoutToModule
 from .passes.group_sparse_activation import GroupSparseActivation
+from .passes.activation_liveness import ActivationLiveness
 from .passes.narrow_width import supported_module_names
+from .passes.plan_activation_memory import PlanActivationMemory
 from .passes.propagate_shapes import PropagateShapes
 from .passes.remove_no_ops import RemoveNoOps
 from .passes.reversible_rewrite import ReversibleRewrite
-from .report import ChainReport, CompileReport
+from .report import ChainReport, CompileReport, MemoryPlanReport
+from .runtime.arena import ArenaPlan
+from .runtime.arena.coupling_arena import CouplingArena
 from .tracer import split_call_arguments, trace
 
 _CONCRETE_TYPES = (type(None), bool, int, float, str)
@@ -62,7 +66,10 @@ class GSRModule(nn.Module):
         self.__dict__["_graphs"] = {}
         self.__dict__["_reports"] = {}
         self.__dict__["_registry"] = {}
+        self.__dict__["_liveness"] = {}
         self.__dict__["_last_key"] = None
+        # One arena for all chains and traces of this model (plain attribute: not state).
+        self.__dict__["_coupling_arena"] = CouplingArena() if config.plan_memory else None
         self.train(model.training)
         if example_inputs is not None:
             args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -109,6 +116,8 @@ class GSRModule(nn.Module):
         ]
         if config.sparse_k is not None:
             passes.append(GroupSparseActivation(config.sparse_k, config.sparse_group))
+        planner = PlanActivationMemory(mode, self.coupling_arena)
+        passes.append(planner)
         _run_passes(passes, gm)
         report = self._report(gm, passes, finder, mode, time.perf_counter() - start)
         if config.strict and (report.not_converted or not report.chains):
@@ -117,10 +126,12 @@ class GSRModule(nn.Module):
                 + "\n".join(f"  {w}: {r}" for w, r in report.not_converted)
                 + f"\nsupported modules: {', '.join(supported_module_names())}"
             )
+        report.memory = _memory_report(planner, config.plan_memory)
         gm = self._adopt(gm)
         gm.train(mode)
         self._graphs[key] = gm
         self._reports[key] = report
+        self.__dict__.setdefault("_liveness", {})[key] = planner.liveness
         return gm
 
     def _adopt(self, gm: fx.GraphModule) -> fx.GraphModule:
@@ -205,6 +216,27 @@ class GSRModule(nn.Module):
         key = next(k for k, g in self._graphs.items() if g is self.graph_module)
         return self._reports[key]
 
+    @property
+    def liveness(self) -> ActivationLiveness:
+        """The live intervals of one step of the graph last run."""
+        self.graph_module  # raises when not compiled
+        key = next(k for k, g in self._graphs.items() if g is self.graph_module)
+        live = self.__dict__.get("_liveness", {}).get(key)
+        if live is None:
+            raise GSRCompileError("this model was compiled by a version without memory planning; "
+                                  "compile it again to get its liveness")
+        return live
+
+    def memory_plan(self, num_nodes: int | None = None, num_edges: int | None = None) -> ArenaPlan:
+        """One step's activations planned in one arena for ``num_nodes`` nodes and
+        ``num_edges`` edges (default: the traced inputs), without running anything."""
+        return self.liveness.plan(num_nodes, num_edges)
+
+    @property
+    def coupling_arena(self) -> CouplingArena | None:
+        """The arena the chains run their coupling in (None with ``plan_memory=False``)."""
+        return self.__dict__.get("_coupling_arena")
+
     def explain(self) -> str:
         """What was rewritten, what was not and why, parameter counts, expected savings."""
         if not self._graphs:
@@ -250,6 +282,15 @@ class GSRModule(nn.Module):
         if source is not None:
             source.train(mode)
         return self
+
+
+def _memory_report(planner: PlanActivationMemory, plan_memory: bool) -> MemoryPlanReport:
+    live, plan, placed = planner.liveness, planner.plan, planner.placed_plan
+    return MemoryPlanReport(
+        training=live.training, num_nodes=live.num_nodes, num_edges=live.num_edges,
+        intervals=len(plan), planned_bytes=plan.total_bytes, lower_bound=plan.lower_bound,
+        arena_buffers=len(placed), arena_bytes=placed.total_bytes,
+        arena_lower_bound=placed.lower_bound, plan_memory=plan_memory, notes=list(live.notes))
 
 
 def _run_passes(passes: list, gm: fx.GraphModule) -> None:

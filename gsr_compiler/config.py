@@ -25,6 +25,10 @@ class GSRConfig:
             ``1..sparse_group``; checked when the model is compiled.
         sparse_group: channel-group width ``g`` of the top-k; must divide the width of one
             reversible group. ``None`` (default): the width of one reversible group (D/groups).
+        plan_memory: run the reversible chains' coupling in place in one planned arena (the
+            groups between blocks and their gradients), allocated once per input size and reused
+            across steps, instead of a fresh tensor per update. Results are the same bit for bit;
+            ``False`` turns it off for comparison. ``explain()`` reports the plan either way.
     """
 
     groups: int = 2
@@ -32,8 +36,11 @@ class GSRConfig:
     min_chain_blocks: int = 1
     sparse_k: int | None = None
     sparse_group: int | None = None
+    plan_memory: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.plan_memory, bool):
+            raise GSRCompileError(f"plan_memory={self.plan_memory!r}: must be True or False.")
         if not isinstance(self.groups, int) or isinstance(self.groups, bool) or self.groups < 2:
             raise GSRCompileError(
                 f"groups={self.groups!r}: grouped reversible coupling needs at least 2 channel "

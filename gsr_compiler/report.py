@@ -26,6 +26,55 @@ class ChainReport:
 
 
 @dataclass
+class MemoryPlanReport:
+    """The planned arena of one step at the traced input size, against its lower bound.
+
+    ``planned_bytes``/``lower_bound`` cover every activation of the step (the liveness of the
+    rewritten graph); ``arena_bytes``/``arena_lower_bound`` the part the runtime keeps in the
+    arena (the chains' coupling scratch), which it allocates when ``plan_memory`` is on.
+    """
+
+    training: bool
+    num_nodes: int
+    num_edges: int
+    intervals: int
+    planned_bytes: int
+    lower_bound: int
+    arena_buffers: int
+    arena_bytes: int
+    arena_lower_bound: int
+    plan_memory: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gap_percent(self) -> float:
+        return 0.0 if not self.lower_bound else \
+            100.0 * (self.planned_bytes - self.lower_bound) / self.lower_bound
+
+    @property
+    def arena_gap_percent(self) -> float:
+        return 0.0 if not self.arena_lower_bound else \
+            100.0 * (self.arena_bytes - self.arena_lower_bound) / self.arena_lower_bound
+
+    def lines(self) -> list[str]:
+        what = "one training step" if self.training else "one forward"
+        out = [
+            f"memory plan ({what} at N={self.num_nodes}, E={self.num_edges}):",
+            f"  activations: {self.intervals} live intervals, planned {format_bytes(self.planned_bytes)}, "
+            f"lower bound {format_bytes(self.lower_bound)} (peak of live bytes), "
+            f"gap {self.gap_percent:.1f}%",
+        ]
+        if self.arena_buffers:
+            state = "allocated at run time" if self.plan_memory else "off: plan_memory=False"
+            out.append(
+                f"  arena ({state}): coupling scratch of the chains, {self.arena_buffers} buffers, "
+                f"{format_bytes(self.arena_bytes)}, lower bound "
+                f"{format_bytes(self.arena_lower_bound)}, gap {self.arena_gap_percent:.1f}%")
+        out += [f"  note: {n}" for n in self.notes]
+        return out
+
+
+@dataclass
 class CompileReport:
     """The passes run, the chains converted, what was left alone and why."""
 
@@ -37,6 +86,7 @@ class CompileReport:
     params_before: int = 0
     params_after: int = 0
     compile_seconds: float = 0.0
+    memory: MemoryPlanReport | None = None
 
     @property
     def converted(self) -> bool:
@@ -83,4 +133,6 @@ class CompileReport:
         lines.append(
             f"parameters: {self.params_before:,} before -> {self.params_after:,} after ({change:+.1f}%)"
         )
+        if self.memory is not None:
+            lines += self.memory.lines()
         return "\n".join(lines)

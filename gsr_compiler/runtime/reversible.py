@@ -14,14 +14,22 @@ one extra forward per block, where PyG's ``GroupAddRev`` spends two (an inverse 
 grad, then a recompute with grad).
 
 Nothing here frees or resizes a tensor the caller can see.
+
+With a :class:`~gsr_compiler.runtime.arena.CouplingArena` attached (``coupling_arena``, set by
+the compiler under ``GSRConfig.plan_memory``), each call keeps the groups in the arena's scratch
+and updates them in place; otherwise every update is a fresh tensor. Both paths run the same
+operations on operands of the same layout, so they agree bit for bit; the output and the input
+gradient are fresh tensors either way.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .arena.coupling_arena import CouplingScratch
 from .replay import draw_seed, frozen_running_stats, seeded
 
 
@@ -51,6 +59,8 @@ class ReversibleChain(nn.Module):
         self.blocks = nn.ModuleList(nn.ModuleList(b) for b in blocks)
         self.side_index = [tuple(int(i) for i in s) for s in side_index]
         self.groups = groups.pop()
+        # The arena of the compiled model (GSRConfig.plan_memory), or None: fresh tensors.
+        self.coupling_arena = None
 
     @property
     def depth(self) -> int:
@@ -72,7 +82,8 @@ class ReversibleChain(nn.Module):
         )
         if not needs_grad:
             seeds = self._draw_seeds()
-            return self._run_forward(x, side_inputs, seeds)
+            with self._scratch("forward", x) as scratch:
+                return self._run_forward(x, side_inputs, seeds, scratch)
         return _ReversibleChainFunction.apply(self, len(side_inputs), x, *side_inputs, *params)
 
     @torch.no_grad()
@@ -114,27 +125,84 @@ class ReversibleChain(nn.Module):
     def _block_inputs(self, i: int, side_inputs: Sequence[object]) -> list[object]:
         return [side_inputs[k] for k in self.side_index[i]]
 
-    def _run_forward(self, x: Tensor, side_inputs: Sequence[object], seeds) -> Tensor:
+    @contextlib.contextmanager
+    def _scratch(self, phase: str, like: Tensor) -> Iterator[Optional[CouplingScratch]]:
+        """The arena's scratch for one call shaped after ``like`` (the chain input or
+        output), or None without an arena."""
+        arena = getattr(self, "coupling_arena", None)  # absent in modules pickled before it
+        if arena is None:
+            yield None
+            return
+        width = like.shape[-1] // self.groups
+        rows = like.numel() // like.shape[-1] if like.shape[-1] else 0
+        with arena.scratch(getattr(self, "gsr_name", ""), phase, rows, width, like.dtype,
+                           like.device) as scratch:
+            yield scratch
+
+    def _run_forward(self, x: Tensor, side_inputs: Sequence[object], seeds,
+                     scratch: Optional[CouplingScratch] = None) -> Tensor:
         devices = [x.device]
-        # Blocks pass their G groups along as a list: no concatenation between blocks.
+        # Blocks pass their G groups along as a list: no concatenation between blocks. With
+        # scratch, group j lives in scratch.state[j] from block 0 on and is updated in place.
         xs = list(x.chunk(self.groups, dim=-1))
+        state = _groups_shaped(scratch.state, xs[0]) if scratch is not None else None
+        y0 = _group_shaped(scratch.y0, xs[0]) if scratch is not None else None
         for i, block in enumerate(self.blocks):
             extra = self._block_inputs(i, side_inputs)
-            prev = _sum(xs[1:])
+            prev = _sum(xs[1:], into=y0)
             ys = []
             for j, f in enumerate(block):
                 with seeded(seeds[i][j], devices):
-                    prev = xs[j] + f(prev, *extra)
+                    out = f(prev, *extra)
+                prev = _add(xs[j], out, into=None if state is None else state[j])
                 ys.append(prev)
             xs = ys
+        # A fresh tensor: the output is saved for backward and handed on; it must outlive
+        # this call's scratch.
         return torch.cat(xs, dim=-1)
 
 
-def _sum(tensors: Sequence[Tensor]) -> Tensor:
-    """y0 = x2 + ... + xG (a fresh tensor only when G > 2)."""
+def _group_shaped(view: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """The arena's ``[rows, width]`` view reshaped to a group's shape (``[..., width]``)."""
+    return None if view is None else view.view(like.shape)
+
+
+def _groups_shaped(views: Sequence[Tensor], like: Tensor) -> list[Tensor]:
+    return [v.view(like.shape) for v in views]
+
+
+def _check_into(into: Tensor, a: Tensor, b: Tensor) -> None:
+    # Type promotion must not be narrowed by the arena's dtype: that would change results.
+    if torch.result_type(a, b) != into.dtype:
+        raise RuntimeError(
+            f"a reversible coupling update produces {torch.result_type(a, b)}, but the chain's "
+            f"arena holds {into.dtype} (the chain input's dtype); the branch returns a dtype "
+            "other than its input's. Compile with plan_memory=False, or make the branch keep "
+            "the dtype.")
+
+
+def _add(a: Tensor, b: Tensor, into: Optional[Tensor] = None) -> Tensor:
+    """``a + b``, written into ``into`` when given (``into`` may be ``a``)."""
+    if into is None:
+        return a + b
+    _check_into(into, a, b)
+    return torch.add(a, b, out=into)
+
+
+def _sub(a: Tensor, b: Tensor, into: Optional[Tensor] = None) -> Tensor:
+    """``a - b``, written into ``into`` when given (``into`` may be ``a``)."""
+    if into is None:
+        return a - b
+    _check_into(into, a, b)
+    return torch.sub(a, b, out=into)
+
+
+def _sum(tensors: Sequence[Tensor], into: Optional[Tensor] = None) -> Tensor:
+    """y0 = x2 + ... + xG: with G = 2 that is x2 itself; with G > 2 a fresh tensor, or
+    ``into``. The additions are the same, left to right, either way."""
     total = tensors[0]
     for t in tensors[1:]:
-        total = total + t
+        total = _add(total, t, into=into)
     return total
 
 
@@ -145,8 +213,8 @@ class _ReversibleChainFunction(torch.autograd.Function):
     def forward(ctx, chain: ReversibleChain, n_side: int, x: Tensor, *rest):
         side_inputs = rest[:n_side]
         seeds = chain._draw_seeds()
-        with torch.no_grad():
-            y = chain._run_forward(x, side_inputs, seeds)
+        with torch.no_grad(), chain._scratch("forward", x) as scratch:
+            y = chain._run_forward(x, side_inputs, seeds, scratch)
         ctx.chain = chain
         ctx.params = rest[n_side:]
         ctx.seeds = seeds
@@ -173,43 +241,68 @@ class _ReversibleChainFunction(torch.autograd.Function):
         side_grads: list[Tensor | None] = [None] * len(side_inputs)
         params = ctx.params
         param_grads: dict[int, Tensor] = {}
-        G = chain.groups
-        devices = [y.device]
+        with chain._scratch("backward", y) as scratch:
+            grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, side_grads, param_grads,
+                                     scratch)
+        return (None, None, grad_x, *side_grads, *[param_grads.get(id(p)) for p in params])
 
-        ys = list(y.chunk(G, dim=-1))
-        gys = list(grad_y.chunk(G, dim=-1))
-        with frozen_running_stats(chain):
-            for i in range(chain.depth - 1, -1, -1):
-                block = chain.blocks[i]
-                extra = chain._block_inputs(i, side_leaves)
-                extra_grad = [(k, s) for k, s in zip(chain.side_index[i], extra)
-                              if isinstance(s, Tensor) and s.requires_grad]
-                xs: list[Tensor | None] = [None] * G
-                for j in range(G - 1, -1, -1):
-                    f = block[j]
-                    f_params = [p for p in f.parameters() if p.requires_grad]
-                    inp = (ys[j - 1] if j > 0 else _sum(xs[1:])).detach().requires_grad_()
-                    with torch.enable_grad(), seeded(ctx.seeds[i][j], devices):
-                        out = f(inp, *extra)
-                    xs[j] = ys[j] - out.detach()  # the inverse: this block's input group
-                    wrt = [inp] + [s for _, s in extra_grad] + f_params
-                    grads = torch.autograd.grad(out, wrt, gys[j], allow_unused=True)
-                    g_inp = grads[0]
-                    if g_inp is not None:
-                        if j > 0:
-                            gys[j - 1] = gys[j - 1] + g_inp
-                        else:  # y0 = x2 + ... + xG feeds the first group
-                            for k in range(1, G):
-                                gys[k] = gys[k] + g_inp
-                    for (k, _), g in zip(extra_grad, grads[1:1 + len(extra_grad)]):
-                        if g is not None:
-                            side_grads[k] = g if side_grads[k] is None else side_grads[k] + g
-                    for p, g in zip(f_params, grads[1 + len(extra_grad):]):
-                        if g is not None:
-                            prior = param_grads.get(id(p))
-                            param_grads[id(p)] = g if prior is None else prior + g
-                    del out, grads
-                ys = xs  # this block's input is the previous block's output
-        grad_y = torch.cat(gys, dim=-1)
 
-        return (None, None, grad_y, *side_grads, *[param_grads.get(id(p)) for p in params])
+def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side_leaves: list,
+                    side_grads: list, param_grads: dict, scratch: Optional[CouplingScratch]
+                    ) -> Tensor:
+    """Walks the blocks last to first; fills ``side_grads`` and ``param_grads``; returns the
+    gradient of the chain input. With ``scratch``, the rebuilt inputs go to ``scratch.state``
+    and the group gradients to ``scratch.grad``, updated in place."""
+    G = chain.groups
+    devices = [y.device]
+    ys = list(y.chunk(G, dim=-1))
+    gys = list(grad_y.chunk(G, dim=-1))
+    state = grad = y0 = None
+    if scratch is not None:
+        state = _groups_shaped(scratch.state, ys[0])
+        grad = _groups_shaped(scratch.grad, ys[0])
+        y0 = _group_shaped(scratch.y0, ys[0])
+        arena_storage = scratch.state[0].untyped_storage().data_ptr()
+    with frozen_running_stats(chain):
+        for i in range(chain.depth - 1, -1, -1):
+            block = chain.blocks[i]
+            extra = chain._block_inputs(i, side_leaves)
+            extra_grad = [(k, s) for k, s in zip(chain.side_index[i], extra)
+                          if isinstance(s, Tensor) and s.requires_grad]
+            xs: list[Tensor | None] = [None] * G
+            for j in range(G - 1, -1, -1):
+                f = block[j]
+                f_params = [p for p in f.parameters() if p.requires_grad]
+                inp = (ys[j - 1] if j > 0 else _sum(xs[1:], into=y0)).detach().requires_grad_()
+                with torch.enable_grad(), seeded(ctx.seeds[i][j], devices):
+                    out = f(inp, *extra)
+                wrt = [inp] + [s for _, s in extra_grad] + f_params
+                grads = list(torch.autograd.grad(out, wrt, gys[j], allow_unused=True))
+                if scratch is not None:
+                    # A branch that passes its gradient through (out = inp + s) returns the
+                    # arena's own view; what leaves this call must not alias the arena.
+                    grads[1:] = [g.clone() if g is not None
+                                 and g.untyped_storage().data_ptr() == arena_storage else g
+                                 for g in grads[1:]]
+                # The inverse, after the gradient: an in-place write into the arena before it
+                # would bump the version of `inp`, which the branch saved.
+                xs[j] = _sub(ys[j], out.detach(), into=None if state is None else state[j])
+                g_inp = grads[0]
+                if g_inp is not None:
+                    if j > 0:
+                        gys[j - 1] = _add(gys[j - 1], g_inp,
+                                          into=None if grad is None else grad[j - 1])
+                    else:  # y0 = x2 + ... + xG feeds the first group
+                        for k in range(1, G):
+                            gys[k] = _add(gys[k], g_inp, into=None if grad is None else grad[k])
+                for (k, _), g in zip(extra_grad, grads[1:1 + len(extra_grad)]):
+                    if g is not None:
+                        side_grads[k] = g if side_grads[k] is None else side_grads[k] + g
+                for p, g in zip(f_params, grads[1 + len(extra_grad):]):
+                    if g is not None:
+                        prior = param_grads.get(id(p))
+                        param_grads[id(p)] = g if prior is None else prior + g
+                del out, grads
+            ys = xs  # this block's input is the previous block's output
+    # A fresh tensor, like the forward's output.
+    return torch.cat(gys, dim=-1)

@@ -369,7 +369,8 @@ def plan_arena(buffers: Iterable[LiveInterval], alignment: int = 64, *,
             cache lines); sizes are rounded up to it for placement.
         num_nodes, num_edges: values of ``N`` and ``E`` for :class:`SymbolicSize` sizes.
         orderings: names from :data:`ORDERINGS` to try (default: all of them), each with best
-            fit and with first fit; the smallest arena wins.
+            fit and with first fit; the smallest arena wins. The search stops early at a plan
+            that meets the lower bound (rounded up to ``alignment``), which none can beat.
 
     Returns:
         The smallest :class:`ArenaPlan` found, with the live-bytes lower bound.
@@ -398,7 +399,12 @@ def plan_arena(buffers: Iterable[LiveInterval], alignment: int = 64, *,
     best_name = ""
     candidates: Dict[str, int] = {}
     seen_orders = set()
+    # No arena is smaller than the bound rounded up to the alignment: reaching it ends the search
+    # (a real saving on deep models, whose thousands of buffers often plan at the bound at once).
+    optimal_units = -(-int(lower) // alignment)
     for name in chosen:
+        if best_total is not None and best_total <= optimal_units:
+            break
         order = ORDERINGS[name](units, first, last)
         key = order.tobytes()
         for best_fit in (True, False):
@@ -410,6 +416,8 @@ def plan_arena(buffers: Iterable[LiveInterval], alignment: int = 64, *,
             candidates[label] = int(total) * alignment
             if best_total is None or total < best_total:
                 best_offsets, best_total, best_name = offsets, total, label
+            if best_total <= optimal_units:
+                break
     best_total = best_total or 0
 
     # The top buffer need not be padded: trim the arena to the last requested byte, then round
