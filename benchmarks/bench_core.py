@@ -54,6 +54,32 @@ def measure(name, model, inputs, target, steps):
     return m
 
 
+def block_recompute_bytes(model, inputs) -> int:
+    """Bytes autograd keeps while the reversible backward recomputes the first block with
+    grad (all its group branches; parameters and the block input excluded)."""
+    chain = next(m for m in model.modules() if isinstance(m, ReversibleChain))
+    x, edge_index = inputs
+    with torch.no_grad():  # the chain input of a ResidualGNN, as the first block sees it
+        h = model.graph_module.get_submodule("encoder")(x)
+    groups = len(chain.blocks[0])
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in inputs_ptrs:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    parts = [p.detach().requires_grad_() for p in h.chunk(groups, dim=1)]
+    inputs_ptrs = {p.untyped_storage().data_ptr() for p in parts} | {
+        edge_index.untyped_storage().data_ptr()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for branch, part in zip(chain.blocks[0], parts):
+            branch(part, edge_index)
+    return sum(kept.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--circuit", default="b18_Cg")
@@ -62,6 +88,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=64)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--sparse-k", type=int, default=0,
+                        help="k of the gsr+sparse row (default: g/8 of g = width/2)")
     parser.add_argument("--out", default="results/bench_core.json")
     args = parser.parse_args()
 
@@ -76,18 +104,33 @@ def main() -> None:
     torch.manual_seed(0)
     plain = ResidualGNN(x.shape[1], args.width, 1, args.depth, conv="sage", dropout=0.1)
     gsr = gsr_compile(plain, example_inputs=inputs)
+    k = args.sparse_k or max(1, args.width // 2 // 8)
+    torch.manual_seed(0)
+    sparse = gsr_compile(plain, sparse_k=k, example_inputs=inputs)
     by_hand = GroupAddRevGNN(x.shape[1], args.width, 1, args.depth, dropout=0.1)
+    results["sparse_k"] = k
+    recompute = {"gsr": block_recompute_bytes(gsr, inputs),
+                 "gsr_sparse": block_recompute_bytes(sparse, inputs)}
+    results["block_recompute_bytes"] = recompute
+    print(f"bytes one block keeps during its recompute: dense ReLU "
+          f"{format_bytes(recompute['gsr'])}, sparse_k={k} {format_bytes(recompute['gsr_sparse'])}",
+          flush=True)
     rows = {}
-    for name, model in (("plain", plain), ("groupaddrev", by_hand), ("gsr", gsr)):
+    for name, model in (("plain", plain), ("groupaddrev", by_hand), ("gsr", gsr),
+                        ("gsr_sparse", sparse)):
         rows[name] = measure(name, model, inputs, target, args.steps).__dict__
     results["models"] = rows
-    p, h, g = rows["plain"], rows["groupaddrev"], rows["gsr"]
+    p, h, g, sp = rows["plain"], rows["groupaddrev"], rows["gsr"], rows["gsr_sparse"]
     ratios = {
         "saved gsr/plain": g["saved_bytes"] / p["saved_bytes"],
         "rss rise gsr/plain": g["rss_rise"] / p["rss_rise"],
         "rss rise (fixed threshold) gsr/plain": g["rss_rise_fixed"] / p["rss_rise_fixed"],
         "step time gsr/plain": g["step_seconds"] / p["step_seconds"],
         "step time gsr/groupaddrev": g["step_seconds"] / h["step_seconds"],
+        "block recompute bytes gsr/gsr_sparse": recompute["gsr"] / recompute["gsr_sparse"],
+        "rss rise gsr_sparse/gsr": sp["rss_rise"] / g["rss_rise"],
+        "rss rise (fixed threshold) gsr_sparse/gsr": sp["rss_rise_fixed"] / g["rss_rise_fixed"],
+        "step time gsr_sparse/gsr": sp["step_seconds"] / g["step_seconds"],
     }
 
     # saved bytes at 16 vs 256 blocks (in this process: deterministic counts)
