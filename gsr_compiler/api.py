@@ -19,9 +19,11 @@ from .passes.plan_activation_memory import PlanActivationMemory
 from .passes.propagate_shapes import PropagateShapes
 from .passes.remove_no_ops import RemoveNoOps
 from .passes.reversible_rewrite import ReversibleRewrite
-from .report import ChainReport, CompileReport, MemoryPlanReport
+from .passes.select_kernel_backend import SelectKernelBackend, describe_routed
+from .report import ChainReport, CompileReport, KernelBackendReport, MemoryPlanReport
 from .runtime.arena import ArenaPlan
 from .runtime.arena.coupling_arena import CouplingArena
+from .runtime.kernels import BackendChoice, choose_backend
 from .tracer import split_call_arguments, trace
 
 _CONCRETE_TYPES = (type(None), bool, int, float, str)
@@ -98,6 +100,7 @@ class GSRModule(nn.Module):
         start = time.perf_counter()
         mode = key[0]
         source = self._source_model
+        backend = _choose_backend(self.config.backend, values, source)
         was_training = source.training
         source.train(mode)
         try:
@@ -116,8 +119,9 @@ class GSRModule(nn.Module):
         ]
         if config.sparse_k is not None:
             passes.append(GroupSparseActivation(config.sparse_k, config.sparse_group))
+        kernels = SelectKernelBackend(backend)
         planner = PlanActivationMemory(mode, self.coupling_arena)
-        passes.append(planner)
+        passes += [kernels, planner]
         _run_passes(passes, gm)
         report = self._report(gm, passes, finder, mode, time.perf_counter() - start)
         if config.strict and (report.not_converted or not report.chains):
@@ -127,6 +131,8 @@ class GSRModule(nn.Module):
                 + f"\nsupported modules: {', '.join(supported_module_names())}"
             )
         report.memory = _memory_report(planner, config.plan_memory)
+        report.backend = KernelBackendReport(backend.requested, backend.name, backend.reason,
+                                             describe_routed(kernels.routed))
         gm = self._adopt(gm)
         gm.train(mode)
         self._graphs[key] = gm
@@ -282,6 +288,28 @@ class GSRModule(nn.Module):
         if source is not None:
             source.train(mode)
         return self
+
+
+def _choose_backend(backend: str, values: list, model: nn.Module) -> BackendChoice:
+    """``GSRConfig.backend`` resolved for the call's tensors (else the model's parameters);
+    raises before anything is traced when ``"triton"`` cannot run on them."""
+    devices = {v.device for v in _tensors(values)}
+    if not devices:
+        devices = {p.device for p in model.parameters()}
+    try:
+        return choose_backend(backend, devices)
+    except ValueError as e:
+        raise GSRCompileError(str(e)) from None
+
+
+def _tensors(values) -> Iterator[torch.Tensor]:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _tensors(v)
+        elif isinstance(v, dict):
+            yield from _tensors(list(v.values()))
 
 
 def _memory_report(planner: PlanActivationMemory, plan_memory: bool) -> MemoryPlanReport:

@@ -4,6 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import GSRCompileError
+from .runtime.kernels import BACKENDS
+
+
+def default_sparse_k(width: int, groups: int) -> int:
+    """The ``sparse_k`` that ``gsr demo`` and ``gsr train --gsr`` use: half of each top-k
+    group (g = width/groups). Of g/2, g/4 and g/8 it is the only one within 0.02 Kendall of
+    dense ReLU on both circuit labels (docs/sparse_quality.md)."""
+    return max(1, width // groups // 2)
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,13 @@ class GSRConfig:
             groups between blocks and their gradients), allocated once per input size and reused
             across steps, instead of a fresh tensor per update. Results are the same bit for bit;
             ``False`` turns it off for comparison. ``explain()`` reports the plan either way.
+        backend: who runs the coupling update and inverse of the chains and, with ``sparse_k``,
+            the group top-k and the compressed sum/mean aggregation: ``"auto"`` (default) the
+            Triton kernels on CUDA tensors when triton is importable and torch otherwise,
+            ``"torch"`` always torch, ``"triton"`` always the kernels (on CPU tensors only in
+            Triton's interpreter, ``TRITON_INTERPRET=1``; otherwise compiling raises). The
+            coupling and the top-k give the same results as torch; the aggregation agrees to
+            float tolerance (it sums in another order). ``explain()`` says what runs.
     """
 
     groups: int = 2
@@ -37,8 +52,15 @@ class GSRConfig:
     sparse_k: int | None = None
     sparse_group: int | None = None
     plan_memory: bool = True
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.backend, str) or self.backend not in BACKENDS:
+            raise GSRCompileError(
+                f"backend={self.backend!r}: must be one of "
+                f"{', '.join(repr(b) for b in BACKENDS)} ('auto': Triton kernels on CUDA tensors, "
+                "torch otherwise; 'torch': always torch; 'triton': always the kernels)."
+            )
         if not isinstance(self.plan_memory, bool):
             raise GSRCompileError(f"plan_memory={self.plan_memory!r}: must be True or False.")
         if not isinstance(self.groups, int) or isinstance(self.groups, bool) or self.groups < 2:

@@ -75,6 +75,24 @@ class MemoryPlanReport:
 
 
 @dataclass
+class KernelBackendReport:
+    """Who runs the ops that have Triton kernels (``GSRConfig.backend``) for the traced inputs."""
+
+    requested: str
+    runs: str      # "triton" or "torch"
+    reason: str
+    routed: str    # the ops of this graph that have kernels
+
+    def lines(self) -> list[str]:
+        out = [f"kernels: {self.runs} (backend={self.requested!r}: {self.reason})",
+               f"  {self.routed}"]
+        if self.requested == "auto":
+            out.append("  'auto' is decided per call from the tensors' device: Triton on CUDA, "
+                       "torch on CPU")
+        return out
+
+
+@dataclass
 class CompileReport:
     """The passes run, the chains converted, what was left alone and why."""
 
@@ -87,6 +105,7 @@ class CompileReport:
     params_after: int = 0
     compile_seconds: float = 0.0
     memory: MemoryPlanReport | None = None
+    backend: KernelBackendReport | None = None
 
     @property
     def converted(self) -> bool:
@@ -133,6 +152,8 @@ class CompileReport:
         lines.append(
             f"parameters: {self.params_before:,} before -> {self.params_after:,} after ({change:+.1f}%)"
         )
+        if self.backend is not None:
+            lines += self.backend.lines()
         if self.memory is not None:
             lines += self.memory.lines()
         return "\n".join(lines)

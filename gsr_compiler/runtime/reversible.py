@@ -20,6 +20,12 @@ the compiler under ``GSRConfig.plan_memory``), each call keeps the groups in the
 and updates them in place; otherwise every update is a fresh tensor. Both paths run the same
 operations on operands of the same layout, so they agree bit for bit; the output and the input
 gradient are fresh tensors either way.
+
+``kernel_backend`` (set by the compiler from ``GSRConfig.backend``) picks who runs the coupling
+update and inverse: the Triton kernel ``coupling_add_``/``coupling_sub_`` (into the scratch, or
+into a fresh tensor without an arena) or torch's ``add``/``sub``. Each output element is one
+IEEE addition or subtraction of the same two operands either way, so the backends agree bit for
+bit as well.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .arena.coupling_arena import CouplingScratch
+from .kernels import coupling_add_, coupling_sub_, use_triton
 from .replay import draw_seed, frozen_running_stats, seeded
 
 
@@ -41,6 +48,10 @@ class ReversibleChain(nn.Module):
             ``f(h, *side_inputs_of_block_i)``.
         side_index: ``side_index[i]`` lists, for block ``i``, the positions of its side
             inputs (``edge_index``, ``edge_attr``, ``batch``, ...) among the chain's.
+
+    Attributes:
+        kernel_backend: ``"auto"``, ``"torch"`` or ``"triton"``: who runs the coupling update
+            and inverse (see :func:`~gsr_compiler.runtime.kernels.use_triton`).
     """
 
     def __init__(
@@ -61,6 +72,7 @@ class ReversibleChain(nn.Module):
         self.groups = groups.pop()
         # The arena of the compiled model (GSRConfig.plan_memory), or None: fresh tensors.
         self.coupling_arena = None
+        self.kernel_backend = "auto"
 
     @property
     def depth(self) -> int:
@@ -95,14 +107,15 @@ class ReversibleChain(nn.Module):
                 raise ValueError("inverse() in training mode needs the seeds the forward drew")
             seeds = [[None] * self.groups for _ in self.blocks]
         G, devices = self.groups, [y.device]
+        kernels = self._use_kernels(y)
         for i in range(self.depth - 1, -1, -1):
             extra = self._block_inputs(i, side_inputs)
             ys = y.chunk(G, dim=-1)
             xs: list[Tensor | None] = [None] * G
             for j in range(G - 1, -1, -1):
-                inp = ys[j - 1] if j > 0 else _sum(xs[1:])
+                inp = ys[j - 1] if j > 0 else _sum(xs[1:], kernels=kernels)
                 with seeded(seeds[i][j], devices):
-                    xs[j] = ys[j] - self.blocks[i][j](inp, *extra)
+                    xs[j] = _sub(ys[j], self.blocks[i][j](inp, *extra), kernels=kernels)
             y = torch.cat(xs, dim=-1)
         return y
 
@@ -125,6 +138,11 @@ class ReversibleChain(nn.Module):
     def _block_inputs(self, i: int, side_inputs: Sequence[object]) -> list[object]:
         return [side_inputs[k] for k in self.side_index[i]]
 
+    def _use_kernels(self, like: Tensor) -> bool:
+        """Whether this call's coupling runs as Triton kernels (decided once per call)."""
+        # Absent in modules pickled before the option existed: they ran the torch path.
+        return use_triton(getattr(self, "kernel_backend", "torch"), like)
+
     @contextlib.contextmanager
     def _scratch(self, phase: str, like: Tensor) -> Iterator[Optional[CouplingScratch]]:
         """The arena's scratch for one call shaped after ``like`` (the chain input or
@@ -142,6 +160,7 @@ class ReversibleChain(nn.Module):
     def _run_forward(self, x: Tensor, side_inputs: Sequence[object], seeds,
                      scratch: Optional[CouplingScratch] = None) -> Tensor:
         devices = [x.device]
+        kernels = self._use_kernels(x)
         # Blocks pass their G groups along as a list: no concatenation between blocks. With
         # scratch, group j lives in scratch.state[j] from block 0 on and is updated in place.
         xs = list(x.chunk(self.groups, dim=-1))
@@ -149,12 +168,12 @@ class ReversibleChain(nn.Module):
         y0 = _group_shaped(scratch.y0, xs[0]) if scratch is not None else None
         for i, block in enumerate(self.blocks):
             extra = self._block_inputs(i, side_inputs)
-            prev = _sum(xs[1:], into=y0)
+            prev = _sum(xs[1:], into=y0, kernels=kernels)
             ys = []
             for j, f in enumerate(block):
                 with seeded(seeds[i][j], devices):
                     out = f(prev, *extra)
-                prev = _add(xs[j], out, into=None if state is None else state[j])
+                prev = _add(xs[j], out, into=None if state is None else state[j], kernels=kernels)
                 ys.append(prev)
             xs = ys
         # A fresh tensor: the output is saved for backward and handed on; it must outlive
@@ -181,28 +200,41 @@ def _check_into(into: Tensor, a: Tensor, b: Tensor) -> None:
             "the dtype.")
 
 
-def _add(a: Tensor, b: Tensor, into: Optional[Tensor] = None) -> Tensor:
-    """``a + b``, written into ``into`` when given (``into`` may be ``a``)."""
-    if into is None:
-        return a + b
-    _check_into(into, a, b)
-    return torch.add(a, b, out=into)
+def _add(a: Tensor, b: Tensor, into: Optional[Tensor] = None, kernels: bool = False) -> Tensor:
+    """``a + b``, written into ``into`` when given (``into`` may be ``a``); with ``kernels``
+    by the Triton coupling kernel."""
+    return _coupling(a, b, into, kernels, subtract=False)
 
 
-def _sub(a: Tensor, b: Tensor, into: Optional[Tensor] = None) -> Tensor:
-    """``a - b``, written into ``into`` when given (``into`` may be ``a``)."""
-    if into is None:
-        return a - b
-    _check_into(into, a, b)
-    return torch.sub(a, b, out=into)
+def _sub(a: Tensor, b: Tensor, into: Optional[Tensor] = None, kernels: bool = False) -> Tensor:
+    """``a - b``, written into ``into`` when given (``into`` may be ``a``); with ``kernels``
+    by the Triton coupling kernel."""
+    return _coupling(a, b, into, kernels, subtract=True)
 
 
-def _sum(tensors: Sequence[Tensor], into: Optional[Tensor] = None) -> Tensor:
+def _coupling(a: Tensor, b: Tensor, into: Optional[Tensor], kernels: bool,
+              subtract: bool) -> Tensor:
+    if into is not None:
+        _check_into(into, a, b)
+    # The kernel writes through raw pointers, which autograd cannot record, and does not
+    # broadcast: anything but equal shapes outside autograd takes torch's path.
+    if kernels and a.shape == b.shape and not (torch.is_grad_enabled()
+                                               and (a.requires_grad or b.requires_grad)):
+        if into is None:
+            into = torch.empty(a.shape, dtype=torch.result_type(a, b), device=a.device)
+        update = coupling_sub_ if subtract else coupling_add_
+        return update(into, a, b, backend="triton")
+    op = torch.sub if subtract else torch.add
+    return op(a, b) if into is None else op(a, b, out=into)
+
+
+def _sum(tensors: Sequence[Tensor], into: Optional[Tensor] = None, kernels: bool = False
+         ) -> Tensor:
     """y0 = x2 + ... + xG: with G = 2 that is x2 itself; with G > 2 a fresh tensor, or
     ``into``. The additions are the same, left to right, either way."""
     total = tensors[0]
     for t in tensors[1:]:
-        total = _add(total, t, into=into)
+        total = _add(total, t, into=into, kernels=kernels)
     return total
 
 
@@ -255,6 +287,7 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
     and the group gradients to ``scratch.grad``, updated in place."""
     G = chain.groups
     devices = [y.device]
+    kernels = chain._use_kernels(y)
     ys = list(y.chunk(G, dim=-1))
     gys = list(grad_y.chunk(G, dim=-1))
     state = grad = y0 = None
@@ -273,7 +306,8 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
             for j in range(G - 1, -1, -1):
                 f = block[j]
                 f_params = [p for p in f.parameters() if p.requires_grad]
-                inp = (ys[j - 1] if j > 0 else _sum(xs[1:], into=y0)).detach().requires_grad_()
+                inp = (ys[j - 1] if j > 0 else _sum(xs[1:], into=y0, kernels=kernels)
+                       ).detach().requires_grad_()
                 with torch.enable_grad(), seeded(ctx.seeds[i][j], devices):
                     out = f(inp, *extra)
                 wrt = [inp] + [s for _, s in extra_grad] + f_params
@@ -286,15 +320,18 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
                                  for g in grads[1:]]
                 # The inverse, after the gradient: an in-place write into the arena before it
                 # would bump the version of `inp`, which the branch saved.
-                xs[j] = _sub(ys[j], out.detach(), into=None if state is None else state[j])
+                xs[j] = _sub(ys[j], out.detach(), into=None if state is None else state[j],
+                             kernels=kernels)
                 g_inp = grads[0]
                 if g_inp is not None:
                     if j > 0:
                         gys[j - 1] = _add(gys[j - 1], g_inp,
-                                          into=None if grad is None else grad[j - 1])
+                                          into=None if grad is None else grad[j - 1],
+                                          kernels=kernels)
                     else:  # y0 = x2 + ... + xG feeds the first group
                         for k in range(1, G):
-                            gys[k] = _add(gys[k], g_inp, into=None if grad is None else grad[k])
+                            gys[k] = _add(gys[k], g_inp, into=None if grad is None else grad[k],
+                                          kernels=kernels)
                 for (k, _), g in zip(extra_grad, grads[1:1 + len(extra_grad)]):
                     if g is not None:
                         side_grads[k] = g if side_grads[k] is None else side_grads[k] + g

@@ -12,7 +12,8 @@ Every public op takes ``backend="auto" | "torch" | "triton"``: ``auto`` runs Tri
 (when triton is importable) and the torch reference otherwise. This package imports without
 triton.
 """
-from ._dispatch import BACKENDS, HAS_TRITON, interpreting, use_triton
+from ._dispatch import (BACKENDS, HAS_TRITON, BackendChoice, check_backend, choose_backend,
+                        interpreting, use_triton)
 from .coupling import coupling_add_, coupling_sub_, coupling_update_reference
 from .aggregate import (CSR, csr_from_edge_index, sparse_aggregate,
                         sparse_aggregate_backward_reference, sparse_aggregate_reference)
@@ -22,8 +23,11 @@ from .topk import MAX_GROUP_SIZE, densify_group_topk, group_topk, group_topk_ref
 __all__ = [
     "BACKENDS",
     "HAS_TRITON",
+    "BackendChoice",
     "CSR",
     "MAX_GROUP_SIZE",
+    "check_backend",
+    "choose_backend",
     "coupling_add_",
     "coupling_sub_",
     "coupling_update_reference",

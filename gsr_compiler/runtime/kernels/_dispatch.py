@@ -8,6 +8,10 @@ runs everywhere. ``backend`` arguments mean:
 * ``"triton"``: always Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``, which is how the
   tests run the kernels without a GPU).
 
+:func:`use_triton` decides per launch; :func:`choose_backend` makes the same decision up front for
+the devices a compiled model sees, so ``gsr_compile`` can refuse an impossible ``"triton"`` before
+it changes anything and ``explain()`` can say what runs.
+
 Kernels are written as plain functions and handed to ``triton.jit`` on first launch (see
 :class:`LazyKernel`): ``triton.jit`` decides between the compiler and the interpreter when it is
 called, so importing this package does not fix the choice. Triton's own library (``tl.sum``,
@@ -17,7 +21,8 @@ before the first ``import triton`` (which ``import torch_geometric`` does).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable
 
 import torch
 
@@ -32,7 +37,8 @@ except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "triton", "tl", "LazyKernel", "interpreting", "use_triton",
-           "check_backend", "triton_library_mode", "BACKENDS", "cdiv", "next_power_of_2"]
+           "check_backend", "triton_library_mode", "BACKENDS", "BackendChoice", "choose_backend",
+           "cdiv", "next_power_of_2"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -52,6 +58,7 @@ def triton_library_mode() -> str:
 
 
 def check_backend(backend: str) -> None:
+    """Raises ``ValueError`` unless ``backend`` is one of :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -71,6 +78,59 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (the Triton "
                            "interpreter); use backend='auto' or 'torch' on CPU")
     return True
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What ``backend`` runs for tensors on given devices, and why (for ``explain()``)."""
+
+    requested: str
+    kernels: bool  # Triton kernels (True) or the torch reference (False)
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "triton" if self.kernels else "torch"
+
+
+def choose_backend(backend: str, devices: Iterable[torch.device]) -> BackendChoice:
+    """The choice :func:`use_triton` makes for tensors on ``devices``, decided up front.
+
+    Raises ``ValueError`` (saying what to do) for an unknown ``backend`` and for
+    ``backend="triton"`` where the kernels cannot run: triton not importable, CPU tensors
+    without ``TRITON_INTERPRET=1``, or ``TRITON_INTERPRET`` changed after triton was imported.
+    """
+    check_backend(backend)
+    kinds = sorted({torch.device(d).type for d in devices})
+    on_cuda = bool(kinds) and all(k == "cuda" for k in kinds)
+    where = f"inputs on {', '.join(kinds) or 'no device'}"
+    if backend == "torch":
+        return BackendChoice(backend, False, "backend='torch' forces the torch reference")
+    if backend == "auto":
+        if not on_cuda:
+            return BackendChoice(backend, False, f"{where}; Triton kernels run on CUDA tensors")
+        if not HAS_TRITON:
+            return BackendChoice(backend, False, f"{where}, but triton is not importable")
+        return BackendChoice(backend, True, f"{where}, triton {triton.__version__}")
+    if not HAS_TRITON:
+        raise ValueError("backend='triton' but triton is not importable; install triton "
+                         "(pip install gsr-compiler[triton]) or use backend='auto' or 'torch'")
+    if not on_cuda and not interpreting():
+        raise ValueError(
+            f"backend='triton' with {where}: Triton kernels run on CUDA tensors, and on CPU "
+            "tensors only in Triton's interpreter (set TRITON_INTERPRET=1 before anything imports "
+            "triton). Move the model and inputs to CUDA, or use backend='auto' (the torch path on "
+            "CPU) or 'torch'")
+    mode = "interpreted" if interpreting() else "compiled"
+    if triton_library_mode() != mode:
+        raise ValueError(
+            f"backend='triton': TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} asks "
+            f"for {mode} kernels, but triton was imported with its library "
+            f"{triton_library_mode()} (TRITON_INTERPRET is read when triton is first imported, "
+            "and torch_geometric imports it). Set TRITON_INTERPRET in the environment of the "
+            "process, or use backend='auto' or 'torch'")
+    return BackendChoice(backend, True, f"{where}, triton {triton.__version__} {mode}"
+                         + (" (TRITON_INTERPRET=1)" if mode == "interpreted" else ""))
 
 
 class LazyKernel:

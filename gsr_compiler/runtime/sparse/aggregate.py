@@ -26,6 +26,16 @@ are scaled and added at ``target * D + column`` (one flat ``index_add_``; determ
 positions, so the values' gradient exists at kept positions only. Autograd saves ``values``,
 ``indices``, ``edge_index`` and ``edge_weight``; the flat positions are rebuilt in the backward, and
 ``max`` recomputes its forward there rather than saving the dense output.
+
+When ``backend`` resolves to Triton, ``sum`` and ``mean`` run as the kernel
+:func:`gsr_compiler.runtime.kernels.sparse_aggregate` instead: the edges sorted by target (CSR,
+stable, so each target's edges keep their order), one program per target row summing its
+incoming messages in registers, no atomics; ``mean`` folds ``1/deg(i)`` into the edge weights.
+It needs edge weights that take no gradient, float32/float16/bfloat16 values (it accumulates
+in float32) and ``g`` a power of two up to 256; anything else (and ``max``) takes the torch path.
+Results equal the torch path to float tolerance, not bit for bit: the kernel's backward sums
+each source's gradient in target order where ``index_add_`` goes in edge order (and on CUDA
+``index_add_`` is not even deterministic).
 """
 from __future__ import annotations
 
@@ -34,6 +44,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..kernels import (MAX_GROUP_SIZE, check_backend, csr_from_edge_index, sparse_aggregate,
+                       use_triton)
 from .compressed import CompressedActivation, group_offsets
 
 __all__ = ["compressed_aggregate"]
@@ -175,8 +187,29 @@ def _max_tie_counts(vals: Tensor, cols: Tensor, src: Tensor, dst: Tensor, scale:
     return ties.clamp_(min=1)
 
 
+# Value dtypes the kernel sums without losing precision against the torch path (it accumulates
+# in float32).
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_covers(c: CompressedActivation, reduce: str, edge_weight: Optional[Tensor]) -> bool:
+    # Edge weights are constants to the kernel; one that needs a gradient takes the torch path
+    # in the no-grad forward too, so the reversible recompute reproduces that forward exactly.
+    return (reduce in ("sum", "mean") and c.dtype in _KERNEL_DTYPES
+            and c.group <= MAX_GROUP_SIZE and c.group & (c.group - 1) == 0
+            and (edge_weight is None or not edge_weight.requires_grad))
+
+
+def _kernel_aggregate(c: CompressedActivation, src: Tensor, dst: Tensor,
+                      edge_weight: Optional[Tensor], num_nodes: int, reduce: str) -> Tensor:
+    scale = _edge_scale(edge_weight, dst, num_nodes, reduce, c.values)
+    csr = csr_from_edge_index(torch.stack([src, dst]), c.num_nodes, scale, num_dst=num_nodes)
+    return sparse_aggregate(c.values, c.indices, csr, c.group, backend="triton")
+
+
 def compressed_aggregate(c: CompressedActivation, edge_index: Tensor, num_nodes: int,
-                         reduce: str = "sum", edge_weight: Optional[Tensor] = None) -> Tensor:
+                         reduce: str = "sum", edge_weight: Optional[Tensor] = None,
+                         backend: str = "auto") -> Tensor:
     r"""Aggregate neighbour features given in compressed form.
 
     .. math::
@@ -194,6 +227,8 @@ def compressed_aggregate(c: CompressedActivation, edge_index: Tensor, num_nodes:
         reduce: ``"sum"`` (alias ``"add"``), ``"mean"`` (divides by the in-degree) or ``"max"``
             (elementwise; zeros for nodes without incoming edges; ties share the gradient evenly).
         edge_weight: optional ``[E]`` weights; differentiable.
+        backend: ``"auto"`` (the Triton kernel on CUDA tensors when triton is importable),
+            ``"torch"`` or ``"triton"``; see the module docstring for what the kernel covers.
 
     Returns:
         ``[num_nodes, D]`` dense tensor. Differentiable w.r.t. ``c.values`` (gradient at kept
@@ -203,6 +238,7 @@ def compressed_aggregate(c: CompressedActivation, edge_index: Tensor, num_nodes:
         raise TypeError(f"compressed_aggregate expects a CompressedActivation, got {type(c).__name__}")
     if reduce not in _REDUCES:
         raise ValueError(f"compressed_aggregate: reduce must be one of {sorted(_REDUCES)}, got {reduce!r}")
+    check_backend(backend)
     if not isinstance(edge_index, Tensor):
         raise TypeError(f"compressed_aggregate expects edge_index as a [2, E] tensor, got "
                         f"{type(edge_index).__name__}; convert a SparseTensor/adjacency first")
@@ -229,5 +265,8 @@ def compressed_aggregate(c: CompressedActivation, edge_index: Tensor, num_nodes:
         if lo < 0 or hi >= num_nodes:
             raise ValueError(f"compressed_aggregate: target indices must lie in [0, {num_nodes}) "
                              f"(num_nodes), got [{lo}, {hi}]")
+    reduce = _REDUCES[reduce]
+    if _kernel_covers(c, reduce, edge_weight) and use_triton(backend, c.values, edge_index):
+        return _kernel_aggregate(c, src, dst, edge_weight, num_nodes, reduce)
     return _CompressedAggregate.apply(c.values, c.indices, src, dst, edge_weight, num_nodes,
-                                      _REDUCES[reduce], c.group)
+                                      reduce, c.group)

@@ -33,6 +33,10 @@ Linear to save the dense ``[N, D]`` aggregate. Aggregating first is used where i
 
 Supported aggregations: ``sum``/``add``, ``mean``, ``max`` (given as strings). The compiler
 checks this, and the other layer options, before it swaps a layer for one of these.
+
+``kernel_backend`` (set by the compiler from ``GSRConfig.backend``) is handed to
+:func:`compressed_aggregate`, whose ``sum``/``mean`` then run as a Triton kernel; the
+linear-first path aggregates a dense tensor and is the same on every backend.
 """
 from __future__ import annotations
 
@@ -64,7 +68,11 @@ def _scaled(c: CompressedActivation, factor: Tensor) -> CompressedActivation:
 
 
 class _CompressedMessagePassing(nn.Module):
-    """Shares ``conv``'s state and keeps its aggregation and flow."""
+    """Shares ``conv``'s state and keeps its aggregation and flow.
+
+    Attributes:
+        kernel_backend: ``"auto"``, ``"torch"`` or ``"triton"``, for :func:`compressed_aggregate`.
+    """
 
     def __init__(self, conv: nn.Module) -> None:
         super().__init__()
@@ -76,6 +84,7 @@ class _CompressedMessagePassing(nn.Module):
         self.flow = conv.flow
         self.in_channels = getattr(conv, "in_channels", None)
         self.out_channels = getattr(conv, "out_channels", None)
+        self.kernel_backend = "auto"
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, aggr={self.aggr!r}"
@@ -84,6 +93,14 @@ class _CompressedMessagePassing(nn.Module):
         """``edge_index`` as ``[source, target]`` rows, whatever the layer's ``flow``."""
         return edge_index if self.flow == "source_to_target" else edge_index.flip(0)
 
+    @property
+    def aggregates_compressed_sum(self) -> bool:
+        """Whether ``forward`` aggregates the compressed form itself with ``sum``/``mean`` (the
+        case the aggregation kernel covers) for edge weights that take no gradient. False
+        when it aggregates the dense output of its linear map instead (linear first), or
+        aggregates with ``max``."""
+        return False
+
     def _linear_first(self, edge_weight: Optional[Tensor]) -> bool:
         return self.aggr != "max" and not (edge_weight is not None and edge_weight.requires_grad
                                            and torch.is_grad_enabled())
@@ -91,8 +108,9 @@ class _CompressedMessagePassing(nn.Module):
     def _aggregate(self, c: CompressedActivation, edge_index: Tensor,
                    edge_weight: Optional[Tensor] = None) -> Tensor:
         """:math:`\\mathbf{A}\\mathbf{X}` from the kept values (``[N, D]``)."""
+        # Absent in modules pickled before the option existed: they ran the torch path.
         return compressed_aggregate(c, self._source_to_target(edge_index), c.num_nodes, self.aggr,
-                                    edge_weight)
+                                    edge_weight, backend=getattr(self, "kernel_backend", "torch"))
 
     def _propagate(self, x: Tensor, edge_index: Tensor, edge_weight: Optional[Tensor] = None) -> Tensor:
         """:math:`\\mathbf{A}\\mathbf{x}` for dense ``x`` with ``sum``/``mean``: autograd keeps the
@@ -201,6 +219,10 @@ def _leading_linear(module: nn.Module) -> bool:
 
 class CompressedGINConv(_CompressedMessagePassing):
     """``GINConv`` on compressed node features (shares ``nn`` and ``eps``)."""
+
+    @property
+    def aggregates_compressed_sum(self) -> bool:
+        return self.aggr != "max" and not _leading_linear(self.nn)
 
     def forward(self, c: CompressedActivation, edge_index: Tensor, size=None) -> Tensor:
         _no_size(size, "CompressedGINConv")

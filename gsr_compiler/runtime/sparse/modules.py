@@ -48,6 +48,10 @@ class GroupTopKCompress(nn.Module):
     Args:
         k: values kept per node and group (``1 <= k <= group``).
         group: channel-group width ``g``.
+
+    Attributes:
+        kernel_backend: ``"auto"``, ``"torch"`` or ``"triton"`` (set by the compiler from
+            ``GSRConfig.backend``); see :func:`group_topk_compress`.
     """
 
     def __init__(self, k: int, group: int) -> None:
@@ -55,9 +59,12 @@ class GroupTopKCompress(nn.Module):
         check_k_and_group(k, group)
         self.k = int(k)
         self.group = int(group)
+        self.kernel_backend = "auto"
 
     def forward(self, x: Tensor) -> CompressedActivation:
-        return group_topk_compress(x, self.k, self.group)
+        # Absent in modules pickled before the option existed: they ran the torch path.
+        return group_topk_compress(x, self.k, self.group,
+                                   backend=getattr(self, "kernel_backend", "torch"))
 
     def extra_repr(self) -> str:
         return f"k={self.k}, group={self.group}"

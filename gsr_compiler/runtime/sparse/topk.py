@@ -17,12 +17,20 @@ than every number.
 
 What autograd keeps for the backward is only the ``uint8`` (``g <= 256``) positions of the kept
 values, never a dense tensor or a dense mask.
+
+:func:`group_topk_compress` runs as the Triton kernel
+:func:`gsr_compiler.runtime.kernels.group_topk` (without its LayerNorm and dropout) when
+``backend`` resolves to Triton and the kernel covers the input: float32/float16/bfloat16 and ``g``
+a power of two up to 256. The kernel keeps the same set (lower position among equals, NaN first)
+and copies the same values, so both paths give equal results.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from ..kernels import MAX_GROUP_SIZE, check_backend, use_triton
+from ..kernels import group_topk as fused_group_topk
 from .compressed import (CompressedActivation, check_k_and_group, check_topk_input,
                          index_dtype_for_group)
 
@@ -129,7 +137,15 @@ def group_topk(x: Tensor, k: int, group: int) -> Tensor:
     return _GroupTopK.apply(x, int(k), int(group))
 
 
-def group_topk_compress(x: Tensor, k: int, group: int) -> CompressedActivation:
+# Dtypes the kernel selects and copies exactly: it computes in float32.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_covers(x: Tensor, group: int) -> bool:
+    return x.dtype in _KERNEL_DTYPES and group <= MAX_GROUP_SIZE and group & (group - 1) == 0
+
+
+def group_topk_compress(x: Tensor, k: int, group: int, backend: str = "auto") -> CompressedActivation:
     r"""Group-wise top-k of ``x`` (as :func:`group_topk`), returned in compressed form.
 
     Returns a :class:`CompressedActivation` with ``values[i, c, j] = x[i, c*g + indices[i, c, j]]``,
@@ -137,11 +153,19 @@ def group_topk_compress(x: Tensor, k: int, group: int) -> CompressedActivation:
     gradient lands on the kept positions); autograd saves only ``indices``.
     Consumers (:func:`compressed_linear`, :func:`compressed_aggregate`) take it directly.
 
+    ``backend``: ``"auto"`` (the Triton kernel on CUDA tensors when triton is importable),
+    ``"torch"`` or ``"triton"``; inputs the kernel does not cover (float64, ``g`` not a power
+    of two or above 256) take the torch path under any backend.
+
     Raises:
-        ValueError: as :func:`group_topk`, before any computation.
+        ValueError: as :func:`group_topk`, or an unknown ``backend``, before any computation.
     """
     check_topk_input(x, k, group, op="group_topk_compress")
-    values, indices = _GroupTopKCompress.apply(x, int(k), int(group))
+    check_backend(backend)
+    if _kernel_covers(x, int(group)) and use_triton(backend, x):
+        values, indices = fused_group_topk(x, int(k), int(group), backend="triton")
+    else:
+        values, indices = _GroupTopKCompress.apply(x, int(k), int(group))
     return CompressedActivation(values=values, indices=indices, width=x.shape[1], group=int(group))
 
 
