@@ -7,11 +7,22 @@ import sys
 import time
 
 
+def _sparse_k(args: argparse.Namespace, gsr: bool) -> int | None:
+    """``--sparse-k``: unset means the default (half of each group) when compiling, 0 means
+    dense ReLU."""
+    from .config import default_sparse_k
+
+    if args.sparse_k is None:
+        return default_sparse_k(args.width, args.groups) if gsr else None
+    return args.sparse_k or None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(circuit=args.circuit, depth=args.depth, width=args.width, steps=args.steps,
-             groups=args.groups, out_dir=args.out, measure=not args.no_memory)
+             groups=args.groups, sparse_k=_sparse_k(args, gsr=True), out_dir=args.out,
+             measure=not args.no_memory)
     return 0
 
 
@@ -48,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
     names = lambda text: None if text is None else [n for n in text.split(",") if n]  # noqa: E731
     train(TrainConfig(
         label=args.label, conv=args.conv, depth=args.depth, width=args.width, groups=args.groups,
-        gsr=args.gsr, sparse_k=args.sparse_k, dropout=args.dropout, steps=args.steps, lr=args.lr,
+        gsr=args.gsr, sparse_k=_sparse_k(args, args.gsr), dropout=args.dropout, steps=args.steps, lr=args.lr,
         weight_decay=args.weight_decay, clip=args.clip, batch_nodes=args.batch_nodes,
         full_graphs=args.full_graphs, train=names(args.train), val=names(args.val),
         test=names(args.test), eval_every=args.eval_every, eval_max_nodes=args.eval_max_nodes,
@@ -102,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--width", type=int, default=32)
     demo.add_argument("--groups", type=int, default=2)
     demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--sparse-k", type=int, default=None,
+                      help="values kept per node and group of width/groups channels by the "
+                           "group top-k (default: half the group; 0: dense ReLU)")
     demo.add_argument("--out", default="gsr-demo", help="folder for the graph picture and tables")
     demo.add_argument("--no-memory", action="store_true", help="skip the memory comparison")
     demo.set_defaults(run=_demo)
@@ -128,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--gsr", action="store_true", help="compile with gsr_compile (reversible)")
     tr.add_argument("--groups", type=int, default=2, help="channel groups with --gsr")
     tr.add_argument("--sparse-k", type=int, default=None,
-                    help="with --gsr: keep the k largest values per node and group instead of "
-                         "ReLU (default: dense ReLU)")
+                    help="with --gsr: keep the k largest values per node and group of "
+                         "width/groups channels instead of ReLU (default: half the group; "
+                         "0: dense ReLU)")
     tr.add_argument("--dropout", type=float, default=0.0)
     tr.add_argument("--steps", type=int, default=200, help="total optimizer steps")
     tr.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")

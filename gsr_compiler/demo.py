@@ -17,8 +17,12 @@ def _load(circuit: str):
 
 
 def run_demo(circuit: str = "c6288", depth: int = 128, width: int = 32, steps: int = 20,
-             groups: int = 2, out_dir: str = "gsr-demo", measure: bool = True) -> dict:
-    """Runs the demo and returns its figures (also written to ``out_dir``)."""
+             groups: int = 2, sparse_k: int | None = None, out_dir: str = "gsr-demo", measure: bool = True) -> dict:
+    """Runs the demo and returns its figures (also written to ``out_dir``).
+
+    ``sparse_k``: the group top-k of ``gsr_compile`` (None: dense ReLU); ``gsr demo`` passes
+    :func:`~gsr_compiler.config.default_sparse_k`.
+    """
     from scipy.stats import kendalltau, pearsonr
     from tqdm import tqdm
 
@@ -32,13 +36,13 @@ def run_demo(circuit: str = "c6288", depth: int = 128, width: int = 32, steps: i
 
     torch.manual_seed(0)
     model = ResidualGNN(x.shape[1], width, 1, depth, conv="sage", dropout=0.1)
-    gsr_model = gsr_compile(model, groups=groups, example_inputs=(x, edge_index))
+    gsr_model = gsr_compile(model, groups=groups, sparse_k=sparse_k, example_inputs=(x, edge_index))
     print()
     print(gsr_model.explain())
     picture = gsr_model.save_graph(os.path.join(out_dir, "rewritten_graph.png"))
     print(f"rewritten graph: {picture}")
 
-    figures: dict = {"circuit": circuit, "depth": depth, "width": width}
+    figures: dict = {"circuit": circuit, "depth": depth, "width": width, "sparse_k": sparse_k}
     if measure:
         print("\nmemory of one training step (each model in fresh subprocesses):")
         comparison = compare_memory(model, gsr_model, (x, edge_index), target=target,

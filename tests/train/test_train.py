@@ -23,9 +23,9 @@ def run(*argv: str) -> int:
     return gsr_main(["train", *TINY, *argv])
 
 
-@pytest.mark.parametrize("mode", [["--gsr"], ["--gsr", "--sparse-k", "2"], [],
+@pytest.mark.parametrize("mode", [["--gsr"], ["--gsr", "--sparse-k", "0"], [],
                                   ["--full-graphs", "--label", "prob"]],
-                         ids=["gsr", "gsr-sparse", "plain", "plain-full-graphs-prob"])
+                         ids=["gsr", "gsr-dense", "plain", "plain-full-graphs-prob"])
 def test_writes_metrics_scatter_and_checkpoint(tmp_path, mode, capsys):
     out = tmp_path / "run"
     assert run("--steps", "3", "--eval-every", "2", "--out", str(out), *mode) == 0
@@ -36,6 +36,9 @@ def test_writes_metrics_scatter_and_checkpoint(tmp_path, mode, capsys):
         for key in ("pearson", "spearman", "kendall", "r2", "mae"):
             assert isinstance(m[key], float), key
     assert metrics["config"]["gsr"] is ("--gsr" in mode)
+    # --gsr defaults to the group top-k with half of each group (width 8 / 2 groups / 2)
+    assert metrics["config"]["sparse_k"] == ((None if "0" in mode else 2) if "--gsr" in mode
+                                             else None)
     assert [row["step"] for row in metrics["val_history"]] == [2, 3]
     assert "val" in metrics["val_history"][0]
     assert (out / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
