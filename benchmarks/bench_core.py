@@ -21,8 +21,7 @@ import torch
 
 from gsr_compiler import gsr_compile
 from gsr_compiler.bench.group_add_rev import GroupAddRevGNN
-from gsr_compiler.memory import (FIXED_MMAP_THRESHOLD, measure_step_in_subprocess,
-                                 saved_bytes_of_step)
+from gsr_compiler.memory import FIXED_MMAP_THRESHOLD, measure_step_in_subprocess
 from gsr_compiler.models import ResidualGNN
 from gsr_compiler.report import format_bytes
 from gsr_compiler.runtime.reversible import ReversibleChain
@@ -80,6 +79,24 @@ def block_recompute_bytes(model, inputs) -> int:
     return sum(kept.values())
 
 
+def compile_and_reconstruct(width: int) -> dict:
+    """Compile time of a 1000-block model, and the relative error of the chain input rebuilt
+    from its output through 1000 float32 blocks."""
+    xs, eis, _ = random_graph(2048, 8192, 16, seed=1)
+    torch.manual_seed(0)
+    thousand = ResidualGNN(16, width, 1, 1000, conv="sage", dropout=0.1)
+    start = time.perf_counter()
+    compiled = gsr_compile(thousand, example_inputs=(xs, eis))
+    seconds = time.perf_counter() - start
+    compiled.eval()
+    chain = next(m for m in compiled.modules() if isinstance(m, ReversibleChain))
+    h0 = torch.randn(xs.shape[0], width)
+    with torch.no_grad():
+        back = chain.inverse(chain(h0, eis), eis)
+    return {"compile_seconds_1000_blocks": seconds,
+            "reconstruction_rel_error_1000_float32": ((back - h0).norm() / h0.norm()).item()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--circuit", default="b18_Cg")
@@ -90,8 +107,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--sparse-k", type=int, default=0,
                         help="k of the gsr+sparse row (default: g/8 of g = width/2)")
+    parser.add_argument("--parts", default="models,saved,compile",
+                        help="models: the step of each model; saved: saved bytes at 16 vs 256 "
+                             "blocks; compile: compile time and reconstruction error of 1000 blocks")
     parser.add_argument("--out", default="results/bench_core.json")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    unknown = parts - {"models", "saved", "compile"}
+    if unknown:
+        parser.error(f"unknown --parts {', '.join(sorted(unknown))}; choose from models, saved, compile")
 
     graph, x, edge_index, target = load_graph(args)
     print(f"{graph}: {x.shape[0]} nodes, {edge_index.shape[1]} edges; {args.depth} blocks x "
@@ -101,65 +125,59 @@ def main() -> None:
     results = {"graph": graph, "nodes": x.shape[0], "edges": edge_index.shape[1],
                "depth": args.depth, "width": args.width, "torch": torch.__version__}
 
-    torch.manual_seed(0)
-    plain = ResidualGNN(x.shape[1], args.width, 1, args.depth, conv="sage", dropout=0.1)
-    gsr = gsr_compile(plain, example_inputs=inputs)
-    k = args.sparse_k or max(1, args.width // 2 // 8)
-    torch.manual_seed(0)
-    sparse = gsr_compile(plain, sparse_k=k, example_inputs=inputs)
-    by_hand = GroupAddRevGNN(x.shape[1], args.width, 1, args.depth, dropout=0.1)
-    results["sparse_k"] = k
-    recompute = {"gsr": block_recompute_bytes(gsr, inputs),
-                 "gsr_sparse": block_recompute_bytes(sparse, inputs)}
-    results["block_recompute_bytes"] = recompute
-    print(f"bytes one block keeps during its recompute: dense ReLU "
-          f"{format_bytes(recompute['gsr'])}, sparse_k={k} {format_bytes(recompute['gsr_sparse'])}",
-          flush=True)
-    rows = {}
-    for name, model in (("plain", plain), ("groupaddrev", by_hand), ("gsr", gsr),
-                        ("gsr_sparse", sparse)):
-        rows[name] = measure(name, model, inputs, target, args.steps).__dict__
-    results["models"] = rows
-    p, h, g, sp = rows["plain"], rows["groupaddrev"], rows["gsr"], rows["gsr_sparse"]
-    ratios = {
-        "saved gsr/plain": g["saved_bytes"] / p["saved_bytes"],
-        "rss rise gsr/plain": g["rss_rise"] / p["rss_rise"],
-        "rss rise (fixed threshold) gsr/plain": g["rss_rise_fixed"] / p["rss_rise_fixed"],
-        "step time gsr/plain": g["step_seconds"] / p["step_seconds"],
-        "step time gsr/groupaddrev": g["step_seconds"] / h["step_seconds"],
-        "block recompute bytes gsr/gsr_sparse": recompute["gsr"] / recompute["gsr_sparse"],
-        "rss rise gsr_sparse/gsr": sp["rss_rise"] / g["rss_rise"],
-        "rss rise (fixed threshold) gsr_sparse/gsr": sp["rss_rise_fixed"] / g["rss_rise_fixed"],
-        "step time gsr_sparse/gsr": sp["step_seconds"] / g["step_seconds"],
-    }
-
-    # saved bytes at 16 vs 256 blocks (in this process: deterministic counts)
-    saved = {}
-    for depth in (16, 256):
+    ratios = {}
+    if "models" in parts:
         torch.manual_seed(0)
-        deep = ResidualGNN(x.shape[1], args.width, 1, depth, conv="sage", dropout=0.1)
-        saved[depth] = saved_bytes_of_step(gsr_compile(deep, example_inputs=inputs), inputs, target)
-        print(f"gsr saved bytes at {depth} blocks: {format_bytes(saved[depth])}", flush=True)
-    ratios["saved 256/16 blocks"] = saved[256] / saved[16]
+        plain = ResidualGNN(x.shape[1], args.width, 1, args.depth, conv="sage", dropout=0.1)
+        gsr = gsr_compile(plain, example_inputs=inputs)
+        k = args.sparse_k or max(1, args.width // 2 // 8)
+        torch.manual_seed(0)
+        sparse = gsr_compile(plain, sparse_k=k, example_inputs=inputs)
+        by_hand = GroupAddRevGNN(x.shape[1], args.width, 1, args.depth, dropout=0.1)
+        results["sparse_k"] = k
+        recompute = {"gsr": block_recompute_bytes(gsr, inputs),
+                     "gsr_sparse": block_recompute_bytes(sparse, inputs)}
+        results["block_recompute_bytes"] = recompute
+        print(f"bytes one block keeps during its recompute: dense ReLU "
+              f"{format_bytes(recompute['gsr'])}, sparse_k={k} {format_bytes(recompute['gsr_sparse'])}",
+              flush=True)
+        rows = {}
+        for name, model in (("plain", plain), ("groupaddrev", by_hand), ("gsr", gsr),
+                            ("gsr_sparse", sparse)):
+            rows[name] = measure(name, model, inputs, target, args.steps).__dict__
+        results["models"] = rows
+        p, h, g, sp = rows["plain"], rows["groupaddrev"], rows["gsr"], rows["gsr_sparse"]
+        ratios.update({
+            "saved gsr/plain": g["saved_bytes"] / p["saved_bytes"],
+            "rss rise gsr/plain": g["rss_rise"] / p["rss_rise"],
+            "rss rise (fixed threshold) gsr/plain": g["rss_rise_fixed"] / p["rss_rise_fixed"],
+            "step time gsr/plain": g["step_seconds"] / p["step_seconds"],
+            "step time gsr/groupaddrev": g["step_seconds"] / h["step_seconds"],
+            "block recompute bytes gsr/gsr_sparse": recompute["gsr"] / recompute["gsr_sparse"],
+            "rss rise gsr_sparse/gsr": sp["rss_rise"] / g["rss_rise"],
+            "rss rise (fixed threshold) gsr_sparse/gsr": sp["rss_rise_fixed"] / g["rss_rise_fixed"],
+            "step time gsr_sparse/gsr": sp["step_seconds"] / g["step_seconds"],
+        })
 
-    # compile time of a 1000-block model, and reconstruction error after 1000 blocks
-    xs, eis, _ = random_graph(2048, 8192, 16, seed=1)
-    torch.manual_seed(0)
-    thousand = ResidualGNN(16, args.width, 1, 1000, conv="sage", dropout=0.1)
-    start = time.perf_counter()
-    compiled = gsr_compile(thousand, example_inputs=(xs, eis))
-    results["compile_seconds_1000_blocks"] = time.perf_counter() - start
-    compiled.eval()
-    chain = next(m for m in compiled.modules() if isinstance(m, ReversibleChain))
-    h0 = torch.randn(xs.shape[0], args.width)
-    with torch.no_grad():
-        h1000 = chain(h0, eis)
-        back = chain.inverse(h1000, eis)
-    results["reconstruction_rel_error_1000_float32"] = ((back - h0).norm() / h0.norm()).item()
+    if "saved" in parts:
+        # saved bytes at 16 vs 256 blocks
+        saved = {}
+        for depth in (16, 256):
+            torch.manual_seed(0)
+            deep = ResidualGNN(x.shape[1], args.width, 1, depth, conv="sage", dropout=0.1)
+            # in a fresh process with the mmap threshold fixed: RSS of this one stays small
+            saved[depth] = measure_step_in_subprocess(
+                gsr_compile(deep, example_inputs=inputs), inputs, target, timing_steps=0,
+                mmap_threshold=FIXED_MMAP_THRESHOLD).saved_bytes
+            print(f"gsr saved bytes at {depth} blocks: {format_bytes(saved[depth])}", flush=True)
+        ratios["saved 256/16 blocks"] = saved[256] / saved[16]
+
+    if "compile" in parts:
+        results.update(compile_and_reconstruct(args.width))
+        print(f"compile 1000 blocks: {results['compile_seconds_1000_blocks']:.2f} s; relative "
+              f"reconstruction error after 1000 float32 blocks: "
+              f"{results['reconstruction_rel_error_1000_float32']:.2e}")
     results["ratios"] = ratios
-    print(f"compile 1000 blocks: {results['compile_seconds_1000_blocks']:.2f} s; relative "
-          f"reconstruction error after 1000 float32 blocks: "
-          f"{results['reconstruction_rel_error_1000_float32']:.2e}")
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
