@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -25,20 +24,10 @@ import time
 
 import torch
 
+from gsr_compiler.bench.machine import cpu_name
 from gsr_compiler.train import TrainConfig, _atomic_write, train
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -144,9 +133,8 @@ def write_markdown(rows: list[dict], args, command: str, path: str, total_second
     write_text(path, text)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--depths", default="4,16,64,256")
+def add_study_options(p: argparse.ArgumentParser) -> None:
+    """The training recipe every quality study shares (labels, model width, optimizer, data)."""
     p.add_argument("--labels", default="level,prob")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--groups", type=int, default=2)
@@ -156,6 +144,12 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default=None, help="folder for each run's outputs (default: a temp dir)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--depths", default="4,16,64,256")
+    add_study_options(p)
     p.add_argument("--docs", default=DOCS, help="where deep_vs_shallow.{md,json,png} go")
     args = p.parse_args()
     args.depths = [int(d) for d in args.depths.split(",")]

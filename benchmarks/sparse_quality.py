@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from deep_vs_shallow import DOCS, cpu_name, fmt, write_text
+from deep_vs_shallow import DOCS, add_study_options, fmt, write_text
+from gsr_compiler.bench.machine import cpu_name
 from gsr_compiler.train import TrainConfig, train
 
 
@@ -80,15 +81,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--depth", type=int, default=64)
     p.add_argument("--ks", default="8,4,2", help="sparse_k values (dense ReLU always runs too)")
-    p.add_argument("--labels", default="level,prob")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--groups", type=int, default=2)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-nodes", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs", default=None, help="folder for each run's outputs (default: a temp dir)")
+    add_study_options(p)
     p.add_argument("--docs", default=DOCS, help="where sparse_quality.{md,json} go")
     args = p.parse_args()
     ks = [None] + [int(k) for k in args.ks.split(",") if k]

@@ -13,7 +13,7 @@ from .errors import GSRCompileError
 from .passes.find_residual_chains import FindResidualChains
 from .passes.functional_dropout_to_module import FunctionalDropoutToModule
 from .passes.group_sparse_activation import GroupSparseActivation
-from .passes.activation_liveness import ActivationLiveness
+from .passes.activation_liveness import ActivationLiveness, attribute_or_none
 from .passes.narrow_width import supported_module_names
 from .passes.plan_activation_memory import PlanActivationMemory
 from .passes.propagate_shapes import PropagateShapes
@@ -152,8 +152,8 @@ class GSRModule(nn.Module):
         for node in gm.graph.nodes:
             if node.op not in ("call_module", "get_attr"):
                 continue
-            mine = _get_attr_or_none(gm, node.target)
-            theirs = _get_attr_or_none(root, node.target)
+            mine = attribute_or_none(gm, node.target)
+            theirs = attribute_or_none(root, node.target)
             if theirs is mine:
                 continue
             stateless = isinstance(mine, nn.Module) and not any(True for _ in mine.parameters()) \
@@ -338,15 +338,6 @@ def _bind(model: nn.Module, args: tuple, kwargs: dict) -> list:
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     bound.apply_defaults()
     return list(bound.arguments.values())
-
-
-def _get_attr_or_none(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def gsr_compile(model: nn.Module, config: GSRConfig | None = None, *,

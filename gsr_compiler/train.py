@@ -179,19 +179,9 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.conv == "gat" and branch_width % 4:
         raise ValueError(f"--conv gat uses 4 heads, so the branch width ({branch_width}"
                          f"{' = width/groups' if cfg.gsr else ''}) must be a multiple of 4")
-    device = str(cfg.device)
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine "
-                             f"(torch {torch.__version__})")
-        try:
-            index = torch.device(device).index
-        except RuntimeError as e:
-            raise ValueError(f"--device {device}: {e}") from None
-        if index is not None and index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    from .devices import check_device
+
+    device = check_device(cfg.device)
 
     # the circuit split
     train_names = _circuit_names(cfg.train, "train")
@@ -501,6 +491,21 @@ def _load_circuits(names: Sequence[str], cfg: TrainConfig, log,
     return datas
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: _Batch,
+               clip: Optional[float]) -> float:
+    """One optimizer step on ``batch``: mean squared error over its scored nodes, gradient
+    norm clipped to ``clip`` (None or 0: off). Returns the loss."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    pred = model(batch.x, batch.edge_index).squeeze(-1)
+    loss = torch.nn.functional.mse_loss(pred[batch.mask], batch.target[batch.mask])
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss.item()
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print,
           loaded: Optional[dict] = None) -> TrainResult:
     """Trains (or resumes) a run; writes the checkpoint, ``metrics.json`` and ``scatter.png``.
@@ -582,15 +587,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     for step in bar:
         tick = time.perf_counter()
         batch = schedule(step).to(device)
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        pred = model(batch.x, batch.edge_index).squeeze(-1)
-        loss = torch.nn.functional.mse_loss(pred[batch.mask], batch.target[batch.mask])
-        loss.backward()
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        loss_value = loss.item()
+        loss_value = train_step(model, optimizer, batch, cfg.clip)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; lower --lr or "
                                      "keep --clip on")

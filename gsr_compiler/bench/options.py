@@ -5,6 +5,8 @@ costs seconds rather than a failed run hours later.
 """
 from __future__ import annotations
 
+from ..devices import check_device
+
 import dataclasses
 import math
 import os
@@ -116,25 +118,6 @@ def _names(flag: str, values: Any, known) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _check_device(device: str) -> str:
-    import torch
-
-    device = str(device)
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch "
-                             f"{torch.__version__}); use --device cpu")
-        try:
-            index = torch.device(device).index
-        except RuntimeError as e:
-            raise ValueError(f"--device {device}: {e}") from None
-        if index is not None and index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def _check_circuits(flag: str, names: list[str]) -> None:
     from ..circuits.loading import resolve_circuit
 
@@ -156,7 +139,7 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
     o = BenchOptions(**values)
     o.notes = []
 
-    o.device = _check_device(o.device)
+    o.device = check_device(o.device)
     o.sweeps = _names("--sweeps", o.sweeps if o.sweeps is not None else list(SWEEPS), SWEEPS)
     given_baselines = o.baselines is not None
     o.baselines = _names("--baselines", o.baselines if given_baselines else list(BASELINES),

@@ -40,7 +40,7 @@ class QualityJob:
 def train_and_score(job: QualityJob) -> dict:
     """Trains ``job.steps`` steps and returns the test metrics (runs in a fresh process)."""
     from ..circuits import load_circuit
-    from ..train import TrainConfig, _BatchSchedule, evaluate
+    from ..train import TrainConfig, _BatchSchedule, evaluate, train_step
 
     train = [load_circuit(n, labels=(job.label,), cache_dir=job.cache_dir) for n in job.train]
     test = [load_circuit(n, labels=(job.label,), cache_dir=job.cache_dir) for n in job.test]
@@ -58,14 +58,7 @@ def train_and_score(job: QualityJob) -> dict:
     start = time.perf_counter()
     for step in range(job.steps):
         batch = schedule(step).to(device)
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        pred = model(batch.x, batch.edge_index).squeeze(-1)
-        loss = torch.nn.functional.mse_loss(pred[batch.mask], batch.target[batch.mask])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(train_step(model, optimizer, batch, clip=1.0))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"loss is {losses[-1]} at step {step + 1}")
     train_seconds = time.perf_counter() - start

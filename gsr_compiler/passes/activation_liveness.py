@@ -388,7 +388,7 @@ class _LivenessWalk:
                 seg.requires_grad.setdefault(node, False)
                 continue
             if node.op == "get_attr":
-                attr = _attribute(seg.module, str(node.target))
+                attr = attribute_or_none(seg.module, str(node.target))
                 seg.env[node] = None
                 seg.requires_grad[node] = isinstance(attr, nn.Parameter) and attr.requires_grad
                 continue
@@ -632,7 +632,8 @@ def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return found
 
 
-def _attribute(root: nn.Module, target: str):
+def attribute_or_none(root: nn.Module, target: str):
+    """``root.a.b.c`` for ``target`` ``"a.b.c"``, or None where a step is missing."""
     obj = root
     for part in target.split("."):
         obj = getattr(obj, part, None)
