@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .arena.coupling_arena import CouplingScratch
+from .gradient_slots import GradientSlots
 from .kernels import coupling_add_, coupling_sub_, use_triton
 from .replay import draw_seed, frozen_running_stats, seeded
 
@@ -270,21 +271,23 @@ class _ReversibleChainFunction(torch.autograd.Function):
             s.detach().requires_grad_() if isinstance(s, Tensor) and s.requires_grad else s
             for s in side_inputs
         ]
-        side_grads: list[Tensor | None] = [None] * len(side_inputs)
         params = ctx.params
-        param_grads: dict[int, Tensor] = {}
+        # Before the walk, so that they sit apart from each block's short-lived tensors.
+        grads = GradientSlots([p for p in params if p.requires_grad]
+                              + [s for s in side_leaves if isinstance(s, Tensor)
+                                 and s.requires_grad])
         with chain._scratch("backward", y) as scratch:
-            grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, side_grads, param_grads,
-                                     scratch)
-        return (None, None, grad_x, *side_grads, *[param_grads.get(id(p)) for p in params])
+            grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, grads, scratch)
+        side_grads = [grads.get(s) if isinstance(s, Tensor) else None for s in side_leaves]
+        return (None, None, grad_x, *side_grads, *[grads.get(p) for p in params])
 
 
 def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side_leaves: list,
-                    side_grads: list, param_grads: dict, scratch: Optional[CouplingScratch]
-                    ) -> Tensor:
-    """Walks the blocks last to first; fills ``side_grads`` and ``param_grads``; returns the
-    gradient of the chain input. With ``scratch``, the rebuilt inputs go to ``scratch.state``
-    and the group gradients to ``scratch.grad``, updated in place."""
+                    grads_out: GradientSlots, scratch: Optional[CouplingScratch]) -> Tensor:
+    """Walks the blocks last to first; accumulates the gradients of the side inputs and
+    parameters in ``grads_out``; returns the gradient of the chain input. With ``scratch``,
+    the rebuilt inputs go to ``scratch.state`` and the group gradients to ``scratch.grad``,
+    updated in place."""
     G = chain.groups
     devices = [y.device]
     kernels = chain._use_kernels(y)
@@ -332,13 +335,12 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
                         for k in range(1, G):
                             gys[k] = _add(gys[k], g_inp, into=None if grad is None else grad[k],
                                           kernels=kernels)
-                for (k, _), g in zip(extra_grad, grads[1:1 + len(extra_grad)]):
+                for (_, s), g in zip(extra_grad, grads[1:1 + len(extra_grad)]):
                     if g is not None:
-                        side_grads[k] = g if side_grads[k] is None else side_grads[k] + g
+                        grads_out.accumulate(s, g)
                 for p, g in zip(f_params, grads[1 + len(extra_grad):]):
                     if g is not None:
-                        prior = param_grads.get(id(p))
-                        param_grads[id(p)] = g if prior is None else prior + g
+                        grads_out.accumulate(p, g)
                 del out, grads
             ys = xs  # this block's input is the previous block's output
     # A fresh tensor, like the forward's output.
