@@ -10,6 +10,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from .config import GSRConfig
 from .errors import GSRCompileError
+from .passes.branch_dropout import BranchDropoutPass
 from .passes.find_residual_chains import FindResidualChains
 from .passes.functional_dropout_to_module import FunctionalDropoutToModule
 from .passes.group_sparse_activation import GroupSparseActivation
@@ -119,6 +120,7 @@ class GSRModule(nn.Module):
         ]
         if config.sparse_k is not None:
             passes.append(GroupSparseActivation(config.sparse_k, config.sparse_group))
+        passes.append(BranchDropoutPass())
         kernels = SelectKernelBackend(backend)
         planner = PlanActivationMemory(mode, self.coupling_arena)
         passes += [kernels, planner]

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dropout import branch_dropout
 from .compressed import CompressedActivation, check_k_and_group
 from .linear import compressed_linear
 from .topk import group_topk_compress
@@ -90,7 +90,7 @@ class CompressedDropout(nn.Module):
         training = self.training if self.fixed_training is None else self.fixed_training
         if not training or self.p == 0.0:
             return c
-        values = F.dropout(c.values, self.p, training=True)
+        values = branch_dropout(c.values, self.p)
         return CompressedActivation(values, c.indices, c.width, c.group)
 
     def extra_repr(self) -> str:
