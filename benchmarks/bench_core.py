@@ -47,9 +47,10 @@ def measure(name, model, inputs, target, steps):
     if m.error:
         print(f"{name}: failed: {m.error}")
     else:
-        print(f"{name}: saved {format_bytes(m.saved_bytes)}, RSS rise {format_bytes(m.rss_rise)} "
-              f"(fixed threshold {format_bytes(m.rss_rise_fixed)}), step {m.step_seconds:.2f} s",
-              flush=True)
+        print(f"{name}: saved {format_bytes(m.saved_bytes)}, peak RSS {format_bytes(m.peak_rss)}, "
+              f"RSS rise {format_bytes(m.rss_rise)} (fixed threshold: peak "
+              f"{format_bytes(m.peak_rss_fixed)}, rise {format_bytes(m.rss_rise_fixed)}), "
+              f"step {m.step_seconds:.2f} s", flush=True)
     return m
 
 
@@ -149,11 +150,13 @@ def main() -> None:
         p, h, g, sp = rows["plain"], rows["groupaddrev"], rows["gsr"], rows["gsr_sparse"]
         ratios.update({
             "saved gsr/plain": g["saved_bytes"] / p["saved_bytes"],
+            "peak rss gsr/plain": g["peak_rss"] / p["peak_rss"],
             "rss rise gsr/plain": g["rss_rise"] / p["rss_rise"],
             "rss rise (fixed threshold) gsr/plain": g["rss_rise_fixed"] / p["rss_rise_fixed"],
             "step time gsr/plain": g["step_seconds"] / p["step_seconds"],
             "step time gsr/groupaddrev": g["step_seconds"] / h["step_seconds"],
             "block recompute bytes gsr/gsr_sparse": recompute["gsr"] / recompute["gsr_sparse"],
+            "peak rss gsr_sparse/gsr": sp["peak_rss"] / g["peak_rss"],
             "rss rise gsr_sparse/gsr": sp["rss_rise"] / g["rss_rise"],
             "rss rise (fixed threshold) gsr_sparse/gsr": sp["rss_rise_fixed"] / g["rss_rise_fixed"],
             "step time gsr_sparse/gsr": sp["step_seconds"] / g["step_seconds"],
