@@ -6,13 +6,12 @@ from collections import Counter
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from gsr_compiler import GSRCompileError, GSRConfig, gsr_compile
 from gsr_compiler.models import ResidualGNN
 from gsr_compiler.runtime.kernels import _dispatch, choose_backend
 from gsr_compiler.runtime.sparse import compressed_aggregate, group_topk_compress
+from residual_models import GINResidual
 
 pytest.importorskip("triton", reason="triton is not importable")
 pytestmark = [pytest.mark.triton_kernels, pytest.mark.interpreter_loops]
@@ -42,31 +41,10 @@ def graph(nodes, edges, seed=0, in_channels=5):
             torch.randint(0, nodes, (2, edges), generator=g))
 
 
-class GINResidual(nn.Module):
-    """Residual GIN blocks whose MLP starts with a LayerNorm: the compressed layer aggregates
-    the compressed form itself (no linear map to apply first)."""
-
-    def __init__(self, width: int, depth: int) -> None:
-        super().__init__()
-        from torch_geometric.nn import GINConv
-
-        self.encoder = nn.Linear(5, width)
-        self.convs = nn.ModuleList(
-            GINConv(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width)))
-            for _ in range(depth))
-        self.decoder = nn.Linear(width, 3)
-
-    def forward(self, x, edge_index):
-        h = self.encoder(x)
-        for conv in self.convs:
-            h = h + conv(F.dropout(F.relu(h), p=0.2, training=self.training), edge_index)
-        return self.decoder(h)
-
-
 def build(kind):
     torch.manual_seed(0)
     if kind == "gin-mlp":
-        return GINResidual(width=16, depth=2)
+        return GINResidual(width=16, depth=2, dropout=0.2)
     conv, width = kind.split("-")
     return ResidualGNN(5, int(width), 3, depth=2, conv=conv, dropout=0.3)
 

@@ -24,11 +24,11 @@ import copy, json, sys
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gsr_compiler import gsr_compile
 from gsr_compiler.runtime.kernels import _dispatch
+from residual_models import GINResidual
 
 device, backend = sys.argv[1], sys.argv[2]
 nodes = int(sys.argv[3]) if len(sys.argv) > 3 else 1001
@@ -53,23 +53,6 @@ class MLPResidual(nn.Module):
         h = self.encoder(x)
         for block in self.blocks:
             h = h + block(h)
-        return self.decoder(h)
-
-
-class GINResidual(nn.Module):
-    def __init__(self, width, depth):
-        super().__init__()
-        from torch_geometric.nn import GINConv
-        self.encoder = nn.Linear(5, width)
-        self.convs = nn.ModuleList(
-            GINConv(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width)))
-            for _ in range(depth))
-        self.decoder = nn.Linear(width, 3)
-
-    def forward(self, x, edge_index):
-        h = self.encoder(x)
-        for conv in self.convs:
-            h = h + conv(F.relu(h), edge_index)
         return self.decoder(h)
 
 
@@ -116,6 +99,9 @@ print("RESULTS" + json.dumps(results))
 
 def test_auto_backend_on_cuda_equals_torch():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the shared test models (residual_models.py) sit beside this file
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                      env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "cuda", "auto"], capture_output=True,
                           text=True, env=env, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")]
