@@ -133,6 +133,16 @@ def write_markdown(rows: list[dict], args, command: str, path: str, total_second
     write_text(path, text)
 
 
+def study_record(command: str, args: argparse.Namespace, split: dict, rows: list,
+                 total_seconds: float) -> dict:
+    """What a study writes to its JSON: the command, its options, the split, the rows so far
+    and the machine."""
+    return {"command": command,
+            "args": {k: v for k, v in vars(args).items() if k not in ("docs", "runs")},
+            "split": split, "rows": rows, "total_seconds": total_seconds, "cpu": cpu_name(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def add_study_options(p: argparse.ArgumentParser) -> None:
     """The training recipe every quality study shares (labels, model width, optimizer, data)."""
     p.add_argument("--labels", default="level,prob")
@@ -187,10 +197,7 @@ def main() -> None:
                   f"{fmt(r['test']['kendall'])}; {r['seconds']:.0f} s", flush=True)
             # write as we go, so a partial study is still on disk
             total = time.perf_counter() - start
-            record = {"command": command, "args": {k: v for k, v in vars(args).items()
-                                                   if k not in ("docs", "runs")},
-                      "split": split, "rows": rows, "total_seconds": total, "cpu": cpu_name(),
-                      "torch": torch.__version__, "threads": torch.get_num_threads()}
+            record = study_record(command, args, split, rows, total)
             write_text(os.path.join(args.docs, "deep_vs_shallow.json"),
                        json.dumps(record, indent=1) + "\n")
             write_markdown(rows, args, command, os.path.join(args.docs, "deep_vs_shallow.md"),

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from deep_vs_shallow import DOCS, add_study_options, fmt, write_text
+from deep_vs_shallow import DOCS, add_study_options, fmt, study_record, write_text
 from gsr_compiler.bench.machine import cpu_name
 from gsr_compiler.train import TrainConfig, train
 
@@ -112,10 +112,7 @@ def main() -> None:
             print(f"--> {label} {name}: test pearson {fmt(rows[-1]['test']['pearson'])}, kendall "
                   f"{fmt(rows[-1]['test']['kendall'])}", flush=True)
             total = time.perf_counter() - start
-            record = {"command": command, "args": {k: v for k, v in vars(args).items()
-                                                   if k not in ("docs", "runs")},
-                      "split": split, "rows": rows, "total_seconds": total, "cpu": cpu_name(),
-                      "torch": torch.__version__, "threads": torch.get_num_threads()}
+            record = study_record(command, args, split, rows, total)
             write_text(os.path.join(args.docs, "sparse_quality.json"), json.dumps(record, indent=1) + "\n")
             write_markdown(rows, args, command, os.path.join(args.docs, "sparse_quality.md"), total, split)
     print(f"\nstudy finished in {(time.perf_counter() - start) / 60:.1f} min; runs in {runs}")
