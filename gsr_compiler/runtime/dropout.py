@@ -4,7 +4,7 @@ A branch runs twice in a training step, in the chain's forward and again in its 
 recompute, and both runs must draw the same mask (the runtime reseeds the generators from the
 block's seed, see :mod:`~gsr_compiler.runtime.replay`). On CPU, torch's dropout draws its mask
 with ``bernoulli_``, one generator call and one float conversion per element, and keeps it as a
-float tensor for backward; in a 16-block SAGE model on b18_Cg that was a third of the step.
+float tensor for backward (``benchmarks/bench_dropout.py`` times the two side by side).
 
 :func:`bernoulli_mask` draws the same Bernoulli(keep) masks from 16 random bits per element (one
 64-bit generator call per four elements): element ``i`` is kept when its 16-bit integer ``u_i``

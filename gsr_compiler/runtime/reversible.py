@@ -273,13 +273,13 @@ class _ReversibleChainFunction(torch.autograd.Function):
         ]
         params = ctx.params
         # Before the walk, so that they sit apart from each block's short-lived tensors.
-        grads = GradientSlots([p for p in params if p.requires_grad]
+        slots = GradientSlots([p for p in params if p.requires_grad]
                               + [s for s in side_leaves if isinstance(s, Tensor)
                                  and s.requires_grad])
         with chain._scratch("backward", y) as scratch:
-            grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, grads, scratch)
-        side_grads = [grads.get(s) if isinstance(s, Tensor) else None for s in side_leaves]
-        return (None, None, grad_x, *side_grads, *[grads.get(p) for p in params])
+            grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, slots, scratch)
+        side_grads = [slots.get(s) if isinstance(s, Tensor) else None for s in side_leaves]
+        return (None, None, grad_x, *side_grads, *[slots.get(p) for p in params])
 
 
 def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side_leaves: list,
