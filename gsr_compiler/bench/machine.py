@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from importlib import metadata
 
@@ -26,6 +27,21 @@ def _version(package: str) -> str | None:
         return None
 
 
+def source_commit() -> str | None:
+    """The git commit of the gsr_compiler source that runs, when it is a clean git checkout
+    (with ``+dirty`` when it has local changes); None for an installed wheel."""
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", package_dir, *args], capture_output=True,
+                                  text=True, timeout=10, check=True).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def machine_info(device: str = "cpu", threads: int | None = None) -> dict:
     """A record of the machine and the software, for the results files."""
     import psutil
@@ -45,6 +61,7 @@ def machine_info(device: str = "cpu", threads: int | None = None) -> dict:
         "torch_geometric": _version("torch_geometric"),
         "triton": _version("triton"),
         "gsr_compiler": _version("gsr-compiler"),
+        "gsr_compiler_commit": source_commit(),
         "numpy": _version("numpy"),
     }
     if device.startswith("cuda"):
@@ -71,5 +88,7 @@ def describe_machine(info: dict) -> list[str]:
         lines.append(f"Device: {info['device']} (no GPU used: times are CPU times)")
     lines.append(f"Versions: Python {info['python']}, torch {info['torch']}, torch_geometric "
                  f"{info['torch_geometric']}, triton {info['triton'] or 'not installed'}, "
-                 f"gsr_compiler {info['gsr_compiler']}")
+                 f"gsr_compiler {info['gsr_compiler']}"
+                 + (f" (commit {info['gsr_compiler_commit']})"
+                    if info.get("gsr_compiler_commit") else ""))
     return lines
