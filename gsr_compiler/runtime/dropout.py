@@ -6,12 +6,11 @@ block's seed, see :mod:`~gsr_compiler.runtime.replay`). On CPU, torch's dropout 
 with ``bernoulli_``, one generator call and one float conversion per element, and keeps it as a
 float tensor for backward (``benchmarks/bench_dropout.py`` times the two side by side).
 
-:func:`bernoulli_mask` draws the same Bernoulli(keep) masks from 16 random bits per element (one
-64-bit generator call per four elements): element ``i`` is kept when its 16-bit integer ``u_i``
-is below ``floor(keep * 2**16)``, and when ``u_i`` equals it (probability ``2**-16``) a
-double-precision uniform decides against the fractional part. The probability of keeping is
-``keep`` exactly, to double precision. Autograd keeps the one-byte mask (``torch.where``).
-Survivors are scaled by ``1 / keep`` as in ``nn.Dropout``.
+:func:`bernoulli_mask` draws the same Bernoulli(keep) masks from 32 random bits per element
+(one 64-bit generator call per two elements): element ``i`` is kept when its unsigned 32-bit
+integer ``u_i`` is below ``T = round(keep * 2**32)``, so it is kept with probability
+``T / 2**32``, within ``2**-33`` of ``keep``. Autograd keeps the one-byte mask
+(``torch.where``). Survivors are scaled by ``1 / keep`` as in ``nn.Dropout``.
 
 On other devices torch's own dropout already draws and keeps masks cheaply (Philox) and is used
 as it is.
@@ -27,33 +26,24 @@ from torch import Tensor, nn
 
 __all__ = ["BranchDropout", "bernoulli_mask", "branch_dropout"]
 
-_BITS = 16
-_LEVELS = 1 << _BITS
+_LEVELS = 1 << 32
 
 
 def bernoulli_mask(shape: torch.Size | tuple, keep: float, device: torch.device | str = "cpu",
                    generator: Optional[torch.Generator] = None) -> Tensor:
-    """A bool tensor of ``shape`` whose elements are True with probability ``keep``,
-    independently."""
+    """A bool tensor of ``shape`` whose elements are True with probability
+    ``round(keep * 2**32) / 2**32`` (within ``2**-33`` of ``keep``), independently."""
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep probability must be in [0, 1], got {keep}")
+    threshold = math.floor(keep * _LEVELS + 0.5)
+    if threshold in (0, _LEVELS):
+        return torch.full(shape, threshold == _LEVELS, dtype=torch.bool, device=device)
     n = math.prod(shape)
-    # Full-range 64-bit integers, read as four uniform 16-bit integers each (int16: offset 2**15).
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    # Full-range 64-bit integers, read as two uniform 32-bit integers each (int32: offset 2**31).
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device)
     words.random_(-(1 << 63), None, generator=generator)
-    u = words.view(torch.int16)[:n].view(shape)
-    scaled = keep * _LEVELS
-    whole = math.floor(scaled)
-    threshold = whole - _LEVELS // 2
-    mask = u < threshold
-    fraction = scaled - whole
-    if fraction > 0.0:
-        ties = u == threshold
-        count = int(ties.sum())
-        if count:
-            refine = torch.rand(count, dtype=torch.float64, device=device, generator=generator)
-            mask[ties] = refine < fraction
-    return mask
+    u = words.view(torch.int32)[:n].view(shape)
+    return u < threshold - _LEVELS // 2
 
 
 def branch_dropout(x: Tensor, p: float, training: bool = True, inplace: bool = False) -> Tensor:

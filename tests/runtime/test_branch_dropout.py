@@ -12,21 +12,25 @@ from gsr_compiler.runtime.dropout import BranchDropout, bernoulli_mask, branch_d
 from gsr_compiler.runtime.reversible import ReversibleChain
 
 
-@pytest.mark.parametrize("keep", [0.9, 0.5, 1 / 3, 0.75 + 0.5 / 65536])
-def test_mask_follows_its_rule_including_ties(keep):
+@pytest.mark.parametrize("keep", [0.9, 0.5, 1 / 3, 0.75 + 0.7 * 0.5 ** 32, 0.25 - 0.4 * 0.5 ** 32])
+def test_mask_follows_its_rule(keep):
     shape = (1 << 19,)
     mask = bernoulli_mask(shape, keep, generator=torch.Generator().manual_seed(3))
-    # Redraw the same bits and apply the rule independently (unsigned 16-bit integers).
+    # Redraw the same bits and apply the rule independently (unsigned 32-bit integers).
     g = torch.Generator().manual_seed(3)
-    words = torch.empty(shape[0] // 4, dtype=torch.int64).random_(-(1 << 63), None, generator=g)
-    u = words.view(torch.int16).to(torch.int32) + 32768
-    whole = math.floor(keep * 65536)
-    ties = u == whole
-    assert torch.equal(mask[~ties], (u < whole)[~ties])
-    fraction = keep * 65536 - whole
-    if fraction > 0 and ties.any():
-        refine = torch.rand(int(ties.sum()), dtype=torch.float64, generator=g)
-        assert torch.equal(mask[ties], refine < fraction)
+    words = torch.empty(shape[0] // 2, dtype=torch.int64).random_(-(1 << 63), None, generator=g)
+    u = words.view(torch.int32).to(torch.int64) + (1 << 31)
+    threshold = round(keep * 2 ** 32)  # the nearest multiple of 2**-32 (none is half-way)
+    assert torch.equal(mask, u < threshold)
+
+
+def test_odd_sizes_and_extreme_probabilities():
+    g = torch.Generator().manual_seed(0)
+    assert bernoulli_mask((3, 5), 0.5, generator=g).shape == (3, 5)
+    assert not bernoulli_mask((1000,), 2.0 ** -40).any()
+    assert bernoulli_mask((1000,), 1 - 2.0 ** -40).all()
+    with pytest.raises(ValueError, match="keep probability"):
+        bernoulli_mask((4,), -0.1)
 
 
 @pytest.mark.parametrize("keep", [0.1, 0.5, 0.9, 1 / 3])
@@ -35,22 +39,6 @@ def test_each_element_is_kept_with_probability_keep(keep):
     kept = bernoulli_mask((n,), keep, generator=torch.Generator().manual_seed(1)).sum().item()
     sigma = math.sqrt(n * keep * (1 - keep))
     assert abs(kept - n * keep) < 6 * sigma
-
-
-def test_tie_refinement_is_what_makes_the_probability_exact():
-    # keep = (w + 1/2) / 2**16: without refinement every tie would be dropped; with it, half
-    # of the ties are kept. Ties occur with probability 2**-16, so draw many.
-    keep = (40000 + 0.5) / 65536
-    g = torch.Generator().manual_seed(5)
-    n = 1 << 25
-    mask = bernoulli_mask((n,), keep, generator=g)
-    g = torch.Generator().manual_seed(5)
-    words = torch.empty(n // 4, dtype=torch.int64).random_(-(1 << 63), None, generator=g)
-    ties = (words.view(torch.int16).to(torch.int32) + 32768) == 40000
-    count = int(ties.sum())
-    assert count > 300
-    kept = int(mask[ties].sum())
-    assert abs(kept - count / 2) < 5 * math.sqrt(count / 4)
 
 
 def test_dropout_scales_survivors_and_replays_under_a_seed():
