@@ -240,6 +240,7 @@ def _quality_section(results: dict) -> list[str]:
 def markdown(results: dict, pictures: list[str]) -> str:
     """The results as Markdown: what ran where, what was compared, the tables, the plots."""
     from .machine import describe_machine
+    from .summary import summary_section
 
     lines = ["# gsr bench results", ""]
     status = "complete" if results.get("complete") else \
@@ -248,7 +249,8 @@ def markdown(results: dict, pictures: list[str]) -> str:
               f"Started {results['started']}, {results.get('seconds', 0) / 60:.1f} min, "
               f"{status}  "]
     lines += [line + "  " for line in describe_machine(results["machine"])]
-    lines += ["", "## Baselines", ""]
+    lines += [""] + summary_section(results)
+    lines += ["## Baselines", ""]
     lines += _table(["baseline", "what it is"],
                     [[f"`{name}`", text] for name, text in results["baselines"].items()])
     lines += ["", "## How it is measured", ""] + [f"- {m}" for m in results["method"]] + [""]
