@@ -8,6 +8,7 @@ inputs after 1000 float32 blocks.
 
     python benchmarks/bench_core.py                 # b18_Cg (64k nodes), as in the docs
     python benchmarks/bench_core.py --nodes 4096    # random graph, quick
+    python benchmarks/bench_core.py --parts models --models groupaddrev,gsr   # one ratio
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from gsr_compiler.synthetic import random_graph
 def load_graph(args):
     if args.nodes:
         x, edge_index, target = random_graph(args.nodes, args.edges or 2 * args.nodes, 16)
-        return f"random graph", x, edge_index, target
+        return "random graph", x, edge_index, target
     from gsr_compiler.circuits import load_circuit
 
     data = load_circuit(args.circuit)
@@ -98,6 +99,16 @@ def compile_and_reconstruct(width: int) -> dict:
             "reconstruction_rel_error_1000_float32": ((back - h0).norm() / h0.norm()).item()}
 
 
+MODELS = ("plain", "groupaddrev", "gsr", "gsr_sparse")
+
+
+def ratio(rows: dict, key: str, top: str, bottom: str):
+    """rows[top][key] / rows[bottom][key] when both models ran, else None."""
+    if top not in rows or bottom not in rows:
+        return None
+    return rows[top][key] / rows[bottom][key]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--circuit", default="b18_Cg")
@@ -111,12 +122,18 @@ def main() -> None:
     parser.add_argument("--parts", default="models,saved,compile",
                         help="models: the step of each model; saved: saved bytes at 16 vs 256 "
                              "blocks; compile: compile time and reconstruction error of 1000 blocks")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"models of the models part, of: {', '.join(MODELS)}")
     parser.add_argument("--out", default="results/bench_core.json")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     unknown = parts - {"models", "saved", "compile"}
     if unknown:
         parser.error(f"unknown --parts {', '.join(sorted(unknown))}; choose from models, saved, compile")
+    models = args.models.split(",")
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown --models {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
 
     graph, x, edge_index, target = load_graph(args)
     print(f"{graph}: {x.shape[0]} nodes, {edge_index.shape[1]} edges; {args.depth} blocks x "
@@ -145,22 +162,24 @@ def main() -> None:
         rows = {}
         for name, model in (("plain", plain), ("groupaddrev", by_hand), ("gsr", gsr),
                             ("gsr_sparse", sparse)):
-            rows[name] = measure(name, model, inputs, target, args.steps).__dict__
+            if name in models:
+                rows[name] = measure(name, model, inputs, target, args.steps).__dict__
         results["models"] = rows
-        p, h, g, sp = rows["plain"], rows["groupaddrev"], rows["gsr"], rows["gsr_sparse"]
-        ratios.update({
-            "saved gsr/plain": g["saved_bytes"] / p["saved_bytes"],
-            "peak rss gsr/plain": g["peak_rss"] / p["peak_rss"],
-            "rss rise gsr/plain": g["rss_rise"] / p["rss_rise"],
-            "rss rise (fixed threshold) gsr/plain": g["rss_rise_fixed"] / p["rss_rise_fixed"],
-            "step time gsr/plain": g["step_seconds"] / p["step_seconds"],
-            "step time gsr/groupaddrev": g["step_seconds"] / h["step_seconds"],
-            "block recompute bytes gsr/gsr_sparse": recompute["gsr"] / recompute["gsr_sparse"],
-            "peak rss gsr_sparse/gsr": sp["peak_rss"] / g["peak_rss"],
-            "rss rise gsr_sparse/gsr": sp["rss_rise"] / g["rss_rise"],
-            "rss rise (fixed threshold) gsr_sparse/gsr": sp["rss_rise_fixed"] / g["rss_rise_fixed"],
-            "step time gsr_sparse/gsr": sp["step_seconds"] / g["step_seconds"],
-        })
+        for key, top, bottom, label in (
+                ("saved_bytes", "gsr", "plain", "saved gsr/plain"),
+                ("peak_rss", "gsr", "plain", "peak rss gsr/plain"),
+                ("rss_rise", "gsr", "plain", "rss rise gsr/plain"),
+                ("rss_rise_fixed", "gsr", "plain", "rss rise (fixed threshold) gsr/plain"),
+                ("step_seconds", "gsr", "plain", "step time gsr/plain"),
+                ("step_seconds", "gsr", "groupaddrev", "step time gsr/groupaddrev"),
+                ("peak_rss", "gsr_sparse", "gsr", "peak rss gsr_sparse/gsr"),
+                ("rss_rise", "gsr_sparse", "gsr", "rss rise gsr_sparse/gsr"),
+                ("rss_rise_fixed", "gsr_sparse", "gsr", "rss rise (fixed threshold) gsr_sparse/gsr"),
+                ("step_seconds", "gsr_sparse", "gsr", "step time gsr_sparse/gsr")):
+            value = ratio(rows, key, top, bottom)
+            if value is not None:
+                ratios[label] = value
+        ratios["block recompute bytes gsr/gsr_sparse"] = recompute["gsr"] / recompute["gsr_sparse"]
 
     if "saved" in parts:
         # saved bytes at 16 vs 256 blocks
