@@ -74,6 +74,13 @@ def test_boundary_ties_go_to_lower_positions():
     assert idx == [0, 2, 3]                       # 3.0, then the first two 2.0s
 
 
+def test_nan_counts_as_the_largest_value():
+    nan = float("nan")
+    x = torch.tensor([[1.0, nan, 3.0, 2.0], [nan, nan, 0.0, nan], [4.0, 3.0, 2.0, 1.0]])
+    assert group_topk_compress(x, 2, 4).indices[:, 0].tolist() == [[1, 2], [0, 1], [0, 1]]
+    assert group_topk_compress(x, 3, 4).indices[:, 0].tolist() == [[1, 2, 3], [0, 1, 3], [0, 1, 2]]
+
+
 def test_ties_deterministic_under_many_rows():
     # Rounded values: lots of boundary ties, mixed with unique rows (exercises the exact fallback).
     x = torch.randint(-3, 4, (2000, 64)).float()

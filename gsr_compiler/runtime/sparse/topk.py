@@ -43,9 +43,10 @@ def select_group_topk(xg: Tensor, k: int) -> Tensor:
     ``xg`` is ``[N, G, g]``; the result is ``[N, G, k]``. Ties go to the lower position.
 
     ``torch.topk`` is about 3x faster than a full stable sort here, but its order among equal values
-    is unspecified. So: take the ``k + 1`` largest; where the ``k``-th is strictly larger than the
-    ``(k+1)``-th the kept *set* is unique and topk's indices are right whatever its tie order; only
-    the (rare) ``(node, group)`` pairs with a tie at the boundary are redone with a stable sort.
+    is unspecified. So: take the ``k + 1`` largest (unsorted, cheaper than sorted) and drop the
+    smallest of them, the ``(k+1)``-th largest. Where it is strictly below the other ``k`` the kept
+    *set* is unique and topk's indices are right whatever its tie order; only the (rare)
+    ``(node, group)`` pairs with a tie at the boundary are redone with a stable sort.
     """
     g = xg.shape[-1]
     if k == g:
@@ -53,10 +54,13 @@ def select_group_topk(xg: Tensor, k: int) -> Tensor:
     if k == 1:
         # torch.max(dim) documents that it returns the first maximal index.
         return xg.max(dim=-1, keepdim=True).indices
-    top_vals, top_idx = torch.topk(xg, k + 1, dim=-1, largest=True, sorted=True)
-    idx = top_idx[..., :k].sort(dim=-1).values
-    # not (a > b) is also true for NaNs, which then take the exact path.
-    ambiguous = ~(top_vals[..., k - 1] > top_vals[..., k])
+    top_vals, top_idx = torch.topk(xg, k + 1, dim=-1, largest=True, sorted=False)
+    lowest, lowest_at = top_vals.min(dim=-1, keepdim=True)
+    # Exactly one of the k + 1 equals their minimum, unless there is a tie at the boundary; a
+    # NaN minimum equals nothing and so takes the exact path too.
+    ambiguous = (top_vals == lowest).sum(dim=-1) != 1
+    # The dropped position sorts last (g is past every position), the kept k first.
+    idx = top_idx.scatter(-1, lowest_at, g).sort(dim=-1).values[..., :k]
     if bool(ambiguous.any()):
         rows = ambiguous.nonzero(as_tuple=True)
         order = torch.sort(xg[rows], dim=-1, descending=True, stable=True).indices
