@@ -185,8 +185,8 @@ def test_compressed_path_equals_dense_path(name, monkeypatch):
         assert_same_step(sparse, dense, inputs)
 
 
-@pytest.mark.parametrize("name", ["gcn_weighted", "gcn_t2s", "sage_mean", "sage_max_norm", "sage_sum_no_root",
-                                  "graph_add_w", "graph_mean_w", "graph_max", "gin", "linear", "pyg_linear"])
+@pytest.mark.parametrize("name", ["gcn_weighted", "gcn_t2s", "sage_mean", "sage_sum_norm", "sage_max_norm",
+                                  "sage_sum_no_root", "graph_add_w", "graph_mean_w", "graph_max", "gin", "linear", "pyg_linear"])
 def test_compressed_layers_equal_pyg_on_dense_topk(name):
     torch.manual_seed(0)
     n, d, g, k = 10, 8, 4, 2
@@ -194,6 +194,7 @@ def test_compressed_layers_equal_pyg_on_dense_topk(name):
         "gcn_weighted": (pyg.GCNConv(d, 6), CompressedGCNConv, True),
         "gcn_t2s": (pyg.GCNConv(d, 6, flow="target_to_source"), CompressedGCNConv, False),
         "sage_mean": (pyg.SAGEConv(d, 6), CompressedSAGEConv, False),
+        "sage_sum_norm": (pyg.SAGEConv(d, 6, aggr="sum", normalize=True), CompressedSAGEConv, False),
         "sage_max_norm": (pyg.SAGEConv(d, 6, aggr="max", normalize=True), CompressedSAGEConv, False),
         "sage_sum_no_root": (pyg.SAGEConv(d, 6, aggr="sum", root_weight=False), CompressedSAGEConv, False),
         "graph_add_w": (pyg.GraphConv(d, 6), CompressedGraphConv, True),
