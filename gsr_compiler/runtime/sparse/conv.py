@@ -173,15 +173,6 @@ class CompressedSAGEConv(_CompressedMessagePassing):
 
     def forward(self, c: CompressedActivation, edge_index: Tensor, size=None) -> Tensor:
         _no_size(size, "CompressedSAGEConv")
-        if self._linear_first(None) and self.root_weight:
-            # One pass over the kept values for both maps: X [W_l; W_r]^T, then split.
-            out_channels = self.lin_l.weight.shape[0]
-            both = compressed_linear(c, torch.cat([self.lin_l.weight, self.lin_r.weight]))
-            out = self._propagate(both[:, :out_channels], edge_index) + both[:, out_channels:]
-            for linear in (self.lin_l, self.lin_r):
-                if linear.bias is not None:
-                    out = out + linear.bias
-            return F.normalize(out, p=2.0, dim=-1) if self.normalize else out
         if self._linear_first(None):
             out = self._propagate(compressed_linear(c, self.lin_l.weight), edge_index)
             if self.lin_l.bias is not None:
