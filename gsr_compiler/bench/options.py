@@ -5,19 +5,18 @@ costs seconds rather than a failed run hours later.
 """
 from __future__ import annotations
 
-from ..devices import check_device
-
 import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..devices import check_device
 from .baselines import BASELINES, ModelSpec, check_spec
 
 SWEEPS = ("depth", "width", "size", "quality")
 
-#: The full run (the figures in docs/), meant for a GPU or a patient CPU.
+#: The full run, meant for a GPU or a patient CPU (docs/bench/cpu holds a smaller CPU run).
 FULL_PRESET: dict[str, Any] = dict(
     circuit="multiplier", depths=[8, 16, 32, 64, 128, 256, 512, 1024], width=64,
     widths=[16, 32, 64, 128, 256], width_depth=64,

@@ -51,13 +51,13 @@ def _memory_lines(results: dict) -> list[str]:
     if not cuda:
         header.append("RSS rise, default allocator")
     header += ["step time", "/ plain"]
+    plain_step = measurement(plain, "step_seconds")
     body = []
     for row in at_point:
         ok = row["outcome"]["status"] == "ok"
         memory = measurement(row, key)
         below = (1 - memory / plain_memory) if ok and memory is not None and plain_memory else None
         step = measurement(row, "step_seconds")
-        plain_step = measurement(plain, "step_seconds")
         cells = [f"`{row['baseline']}`" + ("" if ok else f" ({row['outcome']['status']})"),
                  fmt_bytes(memory), "-" if below is None else f"{below:.1%}"]
         if not cuda:
@@ -80,7 +80,6 @@ def _memory_lines(results: dict) -> list[str]:
                         f"not the lowest: {', '.join(f'`{b}`' for b in lower)} used as little "
                         "or less."))
     gsr_step = measurement(gsr, "step_seconds")
-    plain_step = measurement(plain, "step_seconds")
     parts = []
     if gsr_step and plain_step:
         parts.append(f"{gsr_step / plain_step:.2f}x the plain model's step")

@@ -37,5 +37,5 @@ class BranchDropoutPass(PassBase):
                         present += 1  # swapped when an earlier trace built this chain
         if swapped or present:
             self.notes.append(f"{swapped + present} dropout layer(s) in reversible branches draw "
-                              "their masks with torch.rand on CPU (BranchDropout)")
+                              "their masks from 32 random bits per element on CPU (BranchDropout)")
         return PassResult(gm, swapped > 0)

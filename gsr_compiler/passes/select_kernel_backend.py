@@ -23,7 +23,7 @@ from collections import Counter
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..runtime.kernels import MAX_GROUP_SIZE, BackendChoice
+from ..runtime.kernels import BackendChoice, kernel_covers_group
 from ..runtime.reversible import ReversibleChain
 from ..runtime.sparse import GroupTopKCompress
 from ..runtime.sparse.conv import _CompressedMessagePassing
@@ -44,8 +44,7 @@ def _role(module) -> str:
     if isinstance(module, ReversibleChain):
         return _CHAIN
     if isinstance(module, GroupTopKCompress):
-        covered = module.group <= MAX_GROUP_SIZE and module.group & (module.group - 1) == 0
-        return _TOPK if covered else _TOPK_UNCOVERED
+        return _TOPK if kernel_covers_group(module.group) else _TOPK_UNCOVERED
     return _AGGREGATE if module.aggregates_compressed_sum else _DENSE_AGGREGATE
 
 

@@ -18,14 +18,17 @@ from .coupling import coupling_add_, coupling_sub_, coupling_update_reference
 from .aggregate import (CSR, csr_from_edge_index, sparse_aggregate,
                         sparse_aggregate_backward_reference, sparse_aggregate_reference)
 from .philox import dropout_keep_mask, philox_uniform
-from .topk import MAX_GROUP_SIZE, densify_group_topk, group_topk, group_topk_reference
+from .topk import (KERNEL_DTYPES, MAX_GROUP_SIZE, densify_group_topk, group_topk,
+                   group_topk_reference, kernel_covers_group)
 
 __all__ = [
     "BACKENDS",
     "HAS_TRITON",
     "BackendChoice",
     "CSR",
+    "KERNEL_DTYPES",
     "MAX_GROUP_SIZE",
+    "kernel_covers_group",
     "check_backend",
     "choose_backend",
     "coupling_add_",

@@ -42,10 +42,21 @@ __all__ = [
     "group_topk_backward_triton",
     "densify_group_topk",
     "MAX_GROUP_SIZE",
+    "KERNEL_DTYPES",
+    "kernel_covers_group",
 ]
 
 #: Indices are stored as uint8, so a group has at most 256 channels.
 MAX_GROUP_SIZE = 256
+
+#: Value dtypes the sparse kernels take and reproduce exactly (they compute in float32).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_covers_group(group: int) -> bool:
+    """Whether the sparse kernels handle channel groups of width ``group``: a power of two
+    up to :data:`MAX_GROUP_SIZE`."""
+    return 1 <= group <= MAX_GROUP_SIZE and group & (group - 1) == 0
 
 
 def _check_args(x: torch.Tensor, k: int, group_size: int, dropout_p: float) -> Tuple[int, int, int]:
@@ -53,7 +64,7 @@ def _check_args(x: torch.Tensor, k: int, group_size: int, dropout_p: float) -> T
         raise ValueError(f"group_topk expects x of shape [N, D], got {tuple(x.shape)}")
     n, d = x.shape
     g = int(group_size)
-    if g < 1 or g > MAX_GROUP_SIZE or g & (g - 1):
+    if not kernel_covers_group(g):
         raise ValueError(f"group_size must be a power of two in [1, {MAX_GROUP_SIZE}], got {g}")
     if d % g:
         raise ValueError(f"D={d} is not a multiple of group_size={g}")

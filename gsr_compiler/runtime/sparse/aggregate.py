@@ -44,8 +44,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..kernels import (MAX_GROUP_SIZE, check_backend, csr_from_edge_index, sparse_aggregate,
-                       use_triton)
+from ..kernels import (KERNEL_DTYPES, check_backend, csr_from_edge_index, kernel_covers_group,
+                       sparse_aggregate, use_triton)
 from .compressed import CompressedActivation, group_offsets
 
 __all__ = ["compressed_aggregate"]
@@ -187,16 +187,11 @@ def _max_tie_counts(vals: Tensor, cols: Tensor, src: Tensor, dst: Tensor, scale:
     return ties.clamp_(min=1)
 
 
-# Value dtypes the kernel sums without losing precision against the torch path (it accumulates
-# in float32).
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _kernel_covers(c: CompressedActivation, reduce: str, edge_weight: Optional[Tensor]) -> bool:
     # Edge weights are constants to the kernel; one that needs a gradient takes the torch path
     # in the no-grad forward too, so the reversible recompute reproduces that forward exactly.
-    return (reduce in ("sum", "mean") and c.dtype in _KERNEL_DTYPES
-            and c.group <= MAX_GROUP_SIZE and c.group & (c.group - 1) == 0
+    return (reduce in ("sum", "mean") and c.dtype in KERNEL_DTYPES
+            and kernel_covers_group(c.group)
             and (edge_weight is None or not edge_weight.requires_grad))
 
 

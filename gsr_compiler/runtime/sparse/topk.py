@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..kernels import MAX_GROUP_SIZE, check_backend, use_triton
+from ..kernels import KERNEL_DTYPES, check_backend, kernel_covers_group, use_triton
 from ..kernels import group_topk as fused_group_topk
 from .compressed import (CompressedActivation, check_k_and_group, check_topk_input,
                          index_dtype_for_group)
@@ -141,12 +141,8 @@ def group_topk(x: Tensor, k: int, group: int) -> Tensor:
     return _GroupTopK.apply(x, int(k), int(group))
 
 
-# Dtypes the kernel selects and copies exactly: it computes in float32.
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _kernel_covers(x: Tensor, group: int) -> bool:
-    return x.dtype in _KERNEL_DTYPES and group <= MAX_GROUP_SIZE and group & (group - 1) == 0
+    return x.dtype in KERNEL_DTYPES and kernel_covers_group(group)
 
 
 def group_topk_compress(x: Tensor, k: int, group: int, backend: str = "auto") -> CompressedActivation:
