@@ -25,6 +25,8 @@ from .report import ChainReport, CompileReport, KernelBackendReport, MemoryPlanR
 from .runtime.arena import ArenaPlan
 from .runtime.arena.coupling_arena import CouplingArena
 from .runtime.kernels import BackendChoice, choose_backend
+from .runtime.native import native_topk_available, native_topk_status
+from .runtime.sparse import GroupTopK, GroupTopKCompress
 from .tracer import split_call_arguments, trace
 
 _CONCRETE_TYPES = (type(None), bool, int, float, str)
@@ -134,7 +136,7 @@ class GSRModule(nn.Module):
             )
         report.memory = _memory_report(planner, config.plan_memory)
         report.backend = KernelBackendReport(backend.requested, backend.name, backend.reason,
-                                             describe_routed(kernels.routed))
+                                             describe_routed(kernels.routed), _cpu_topk(gm))
         gm = self._adopt(gm)
         gm.train(mode)
         self._graphs[key] = gm
@@ -290,6 +292,16 @@ class GSRModule(nn.Module):
         if source is not None:
             source.train(mode)
         return self
+
+
+def _cpu_topk(gm: fx.GraphModule) -> str | None:
+    """How the group top-k layers of ``gm`` select on CPU, or None where it has none."""
+    if not any(isinstance(m, (GroupTopK, GroupTopKCompress)) for m in gm.modules()):
+        return None
+    status = native_topk_status()
+    if native_topk_available():
+        return f"native selection ({status})"
+    return f"torch.topk ({status})"
 
 
 def _choose_backend(backend: str, values: list, model: nn.Module) -> BackendChoice:

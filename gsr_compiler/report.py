@@ -82,6 +82,7 @@ class KernelBackendReport:
     runs: str      # "triton" or "torch"
     reason: str
     routed: str    # the ops of this graph that have kernels
+    cpu_topk: str | None = None  # how group top-k selects on CPU, where the graph has top-k
 
     def lines(self) -> list[str]:
         out = [f"kernels: {self.runs} (backend={self.requested!r}: {self.reason})",
@@ -89,6 +90,8 @@ class KernelBackendReport:
         if self.requested == "auto":
             out.append("  'auto' is decided per call from the tensors' device: Triton on CUDA, "
                        "torch on CPU")
+        if self.cpu_topk is not None:
+            out.append(f"  group top-k on CPU (float32): {self.cpu_topk}")
         return out
 
 

@@ -30,6 +30,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from ..cache_dir import default_cache_dir
+
 __all__ = ["FORMAT_VERSION", "default_cache_dir", "CircuitCache", "cache_key"]
 
 log = logging.getLogger(__name__)
@@ -39,14 +41,6 @@ FORMAT_VERSION = 2
 
 _MAGIC = b"GSRCACHE"
 _HEADER = struct.Struct("<8sIQ32s")
-
-
-def default_cache_dir() -> Path:
-    """``$GSR_CACHE_DIR``, else ``$XDG_CACHE_HOME/gsr_compiler``, else ``~/.cache/gsr_compiler``."""
-    if env := os.environ.get("GSR_CACHE_DIR"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "gsr_compiler"
 
 
 def cache_key(*parts: Any) -> str:
