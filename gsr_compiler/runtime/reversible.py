@@ -341,7 +341,8 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
                 for p, g in zip(f_params, grads[1 + len(extra_grad):]):
                     if g is not None:
                         grads_out.accumulate(p, g)
-                del out, grads
+                # g_inp too: else it pins an [N, D/G] gradient through the next recompute.
+                del out, grads, g_inp
             ys = xs  # this block's input is the previous block's output
     # A fresh tensor, like the forward's output.
     return torch.cat(gys, dim=-1)

@@ -160,3 +160,19 @@ def test_bad_input():
         compressed_aggregate(c, ei, 5, edge_weight=torch.ones(3))
     with pytest.raises(TypeError, match="CompressedActivation"):
         compressed_aggregate(c.to_dense(), ei, 5)
+
+
+@pytest.mark.parametrize("layer", ["sage", "gcn"])
+def test_linear_first_layers_move_edges_in_chunks(layer, monkeypatch):
+    """The compressed layers that apply their linear map first propagate its dense output over
+    the edges in chunks (no [E, D] tensor); with many chunks they still equal the PyG layer."""
+    import gsr_compiler.runtime.sparse.conv as mod
+
+    monkeypatch.setattr(mod, "_PROPAGATE_CHUNK_ELEMENTS", 48)  # 3 edges of width 16 per chunk
+    ei = _graph()
+    conv = SAGEConv(D, 16, aggr="mean") if layer == "sage" else GCNConv(D, 16)
+    if layer == "gcn":
+        torch.nn.init.normal_(conv.bias)
+    compressed = (mod.CompressedSAGEConv if layer == "sage" else mod.CompressedGCNConv)(conv)
+    assert compressed._linear_first(None)
+    _check(conv, lambda c: compressed(c, ei), ei)

@@ -114,18 +114,62 @@ class _CompressedMessagePassing(nn.Module):
 
     def _propagate(self, x: Tensor, edge_index: Tensor, edge_weight: Optional[Tensor] = None) -> Tensor:
         """:math:`\\mathbf{A}\\mathbf{x}` for dense ``x`` with ``sum``/``mean``: autograd keeps the
-        edge indices (and ``edge_weight``), not ``x`` or the messages, unless ``edge_weight``
-        needs a gradient."""
+        edge indices (and ``edge_weight``), not ``x`` or the messages; forward and backward move
+        the edges in chunks, never forming an ``[E, D]`` tensor. ``edge_weight`` is a constant
+        here (one that needs a gradient takes :meth:`_aggregate`)."""
         src, dst = self._source_to_target(edge_index)
-        msg = x.index_select(0, src)
-        if edge_weight is not None:
-            msg = msg * edge_weight.view(-1, 1)
-        # scatter_add_ keeps only its (broadcast) index for backward; index_add_ would keep msg.
-        out = x.new_zeros(x.shape[0], x.shape[1]).scatter_add_(0, dst.view(-1, 1).expand_as(msg), msg)
-        if self.aggr == "mean":
-            deg = torch.bincount(dst, minlength=x.shape[0]).clamp_(min=1).to(x.dtype)
-            out = out / deg.view(-1, 1)
+        w = None if edge_weight is None else edge_weight.detach()
+        return _DensePropagate.apply(x, src, dst, w, self.aggr == "mean")
+
+
+# Edges per chunk of _DensePropagate: a chunk's [edges, D] messages stay near 2**20 elements.
+_PROPAGATE_CHUNK_ELEMENTS = 1 << 20
+
+
+def _propagate_chunks(num_edges: int, width: int):
+    step = max(1, _PROPAGATE_CHUNK_ELEMENTS // max(width, 1))
+    for start in range(0, num_edges, step):
+        yield slice(start, min(start + step, num_edges))
+
+
+class _DensePropagate(torch.autograd.Function):
+    """``out[dst] += w * x[src]`` (then ``/ deg`` for mean), in edge chunks; saves the indices."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, src: Tensor, dst: Tensor, edge_weight: Optional[Tensor],
+                mean: bool) -> Tensor:
+        n, d = x.shape
+        out = x.new_zeros(n, d)
+        for sl in _propagate_chunks(src.numel(), d):
+            msg = x.index_select(0, src[sl])
+            if edge_weight is not None:
+                msg.mul_(edge_weight[sl].view(-1, 1))
+            out.scatter_add_(0, dst[sl].view(-1, 1).expand_as(msg), msg)
+            del msg
+        deg = None
+        if mean:
+            deg = torch.bincount(dst, minlength=n).clamp_(min=1).to(x.dtype)
+            out.div_(deg.view(-1, 1))
+        ctx.save_for_backward(src, dst, edge_weight, deg)
         return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        src, dst, edge_weight, deg = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        grad_x = grad_out.new_zeros(grad_out.shape)
+        for sl in _propagate_chunks(src.numel(), grad_out.shape[1]):
+            d = dst[sl]
+            g = grad_out.index_select(0, d)
+            if deg is not None:
+                g.div_(deg.index_select(0, d).view(-1, 1))
+            if edge_weight is not None:
+                g.mul_(edge_weight[sl].view(-1, 1))
+            grad_x.index_add_(0, src[sl], g)
+            del g
+        return grad_x, None, None, None, None
 
 
 class CompressedGCNConv(_CompressedMessagePassing):
@@ -174,13 +218,15 @@ class CompressedSAGEConv(_CompressedMessagePassing):
     def forward(self, c: CompressedActivation, edge_index: Tensor, size=None) -> Tensor:
         _no_size(size, "CompressedSAGEConv")
         if self._linear_first(None):
+            # out is a fresh tensor nothing saved: the bias and root term go in in place, so
+            # no more than two [N, out] tensors live at once.
             out = self._propagate(compressed_linear(c, self.lin_l.weight), edge_index)
             if self.lin_l.bias is not None:
-                out = out + self.lin_l.bias
+                out.add_(self.lin_l.bias)
         else:
             out = self.lin_l(self._aggregate(c, edge_index))
         if self.root_weight:
-            out = out + compressed_linear(c, self.lin_r.weight, self.lin_r.bias)
+            out = out.add_(compressed_linear(c, self.lin_r.weight, self.lin_r.bias))
         if self.normalize:
             out = F.normalize(out, p=2.0, dim=-1)
         return out

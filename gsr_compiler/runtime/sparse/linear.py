@@ -32,6 +32,9 @@ from .compressed import CompressedActivation, group_offsets
 __all__ = ["compressed_linear"]
 
 
+_ROW_CHUNK_ELEMENTS = 1 << 20
+
+
 class _CompressedLinear(torch.autograd.Function):
 
     @staticmethod
@@ -57,12 +60,26 @@ class _CompressedLinear(torch.autograd.Function):
         group = ctx.group
         grad_values = grad_weight = grad_bias = None
         idx = indices.long()
+        width = num_groups * group
+        # In row chunks: the [rows, D] products and reconstructions stay near 2**20 elements
+        # instead of a full [N, D] transient each.
+        step = max(1, _ROW_CHUNK_ELEMENTS // max(width, grad_out.shape[1], 1))
         if ctx.needs_input_grad[0]:
-            # Transient [N, D]; gathered at the kept positions and dropped.
-            grad_values = (grad_out @ weight).view(n, num_groups, group).gather(-1, idx)
+            grad_values = values.new_empty(values.shape)
+            for r in range(0, n, step):
+                rs = slice(r, min(r + step, n))
+                grad_values[rs] = (grad_out[rs] @ weight).view(-1, num_groups, group).gather(-1, idx[rs])
         if ctx.needs_input_grad[2]:
-            dense = values.new_zeros(n, num_groups, group).scatter_(-1, idx, values)
-            grad_weight = grad_out.t() @ dense.view(n, num_groups * group)
+            grad_weight = None
+            for r in range(0, n, step):
+                rs = slice(r, min(r + step, n))
+                dense = values.new_zeros(rs.stop - rs.start, num_groups, group).scatter_(
+                    -1, idx[rs], values[rs]).view(-1, width)
+                part = grad_out[rs].t() @ dense
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                del dense
+            if grad_weight is None:
+                grad_weight = weight.new_zeros(weight.shape)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.sum(0)
         return grad_values, None, grad_weight, grad_bias, None
