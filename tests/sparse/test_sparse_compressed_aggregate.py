@@ -166,9 +166,10 @@ def test_bad_input():
 def test_linear_first_layers_move_edges_in_chunks(layer, monkeypatch):
     """The compressed layers that apply their linear map first propagate its dense output over
     the edges in chunks (no [E, D] tensor); with many chunks they still equal the PyG layer."""
+    import gsr_compiler.runtime.sparse.aggregate as aggregate
     import gsr_compiler.runtime.sparse.conv as mod
 
-    monkeypatch.setattr(mod, "_PROPAGATE_CHUNK_ELEMENTS", 48)  # 3 edges of width 16 per chunk
+    monkeypatch.setattr(aggregate, "_DENSE_CHUNK_ELEMENTS", 48)  # 3 edges of width 16 per chunk
     ei = _graph()
     conv = SAGEConv(D, 16, aggr="mean") if layer == "sage" else GCNConv(D, 16)
     if layer == "gcn":

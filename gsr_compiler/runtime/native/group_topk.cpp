@@ -67,7 +67,7 @@ void select_rows(const float* x, int64_t begin, int64_t end, int64_t g, int64_t 
   const bool keep = 2 * k <= g;
   const int64_t m = keep ? k : g - k;
   std::vector<uint32_t> keys(g * LANES), best_key(std::max<int64_t>(m, 1) * LANES),
-      best_pos(std::max<int64_t>(m, 1) * LANES);
+      best_rank(std::max<int64_t>(m, 1) * LANES);
   // Kept positions of one row as a bitset, read back in ascending order.
   const int64_t words = (g + 63) / 64;
   std::vector<uint64_t> kept(words);
@@ -77,7 +77,7 @@ void select_rows(const float* x, int64_t begin, int64_t end, int64_t g, int64_t 
       const float* row = x + (r0 + std::min(l, lanes - 1)) * g;  // spare lanes repeat a row
       for (int64_t p = 0; p < g; ++p) keys[p * LANES + l] = value_key(row[p]);
     }
-    if (m > 0) select_lanes(keys.data(), g, m, keep, best_key.data(), best_pos.data());
+    if (m > 0) select_lanes(keys.data(), g, m, keep, best_key.data(), best_rank.data());
     for (int64_t l = 0; l < lanes; ++l) {
       if (keep) {
         std::fill(kept.begin(), kept.end(), 0);
@@ -86,7 +86,7 @@ void select_rows(const float* x, int64_t begin, int64_t end, int64_t g, int64_t 
         if (g % 64) kept[words - 1] = (uint64_t{1} << (g % 64)) - 1;
       }
       for (int64_t i = 0; i < m; ++i) {
-        const uint32_t rank = best_pos[i * LANES + l];
+        const uint32_t rank = best_rank[i * LANES + l];
         const uint32_t p = keep ? rank : static_cast<uint32_t>(g - 1) - rank;
         kept[p / 64] ^= uint64_t{1} << (p % 64);  // set (keep) or clear (drop)
       }

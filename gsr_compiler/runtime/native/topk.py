@@ -1,8 +1,7 @@
 """Group-wise top-k selection on CPU in native code (``group_topk.cpp``).
 
-``torch.topk`` over rows of a few dozen values spends most of its time per row, not per value
-(about 0.5 us a row on a 2-core CPU): the selection of a 64k-node, 64-channel group costs 40x a
-ReLU. The native loop keeps the same set as
+``torch.topk`` over rows of a few dozen values spends most of its time per row, not per value,
+so selecting in every group of every node costs many times a ReLU. The native loop keeps the same set as
 :func:`~gsr_compiler.runtime.sparse.select_group_topk` (lower position among equal values,
 ``-0.0 == 0.0``, NaN above every number) and writes positions and values in one pass.
 """
@@ -10,8 +9,6 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -27,11 +24,8 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ct
              ctypes.c_void_p, ctypes.c_int]
 
 
-def _function(dtype: torch.dtype) -> Optional[ctypes._CFuncPtr]:
-    lib = load_library(_NAME, _SOURCE)
-    if lib is None:
-        return None
-    fn = getattr(lib, _SYMBOLS[dtype])
+def _function(dtype: torch.dtype) -> ctypes._CFuncPtr:
+    fn = getattr(load_library(_NAME, _SOURCE), _SYMBOLS[dtype])
     fn.argtypes, fn.restype = _ARGTYPES, None
     return fn
 
@@ -58,8 +52,7 @@ def native_group_topk(xg: Tensor, k: int) -> tuple[Tensor, Tensor]:
     ``xg`` is ``[..., g]`` on CPU, float32 (:func:`native_topk_covers`); the results
     are ``[..., k]``. Runs on ``torch.get_num_threads()`` threads.
     """
-    fn = _function(xg.dtype) if xg.dtype in _SYMBOLS and xg.device.type == "cpu" else None
-    if fn is None:
+    if not native_topk_covers(xg):
         raise RuntimeError(f"native group top-k does not cover {xg.dtype} tensors on "
                            f"{xg.device.type}, or is unavailable ({native_topk_status()}); "
                            "check native_topk_covers first")
@@ -71,6 +64,6 @@ def native_group_topk(xg: Tensor, k: int) -> tuple[Tensor, Tensor]:
     values = torch.empty(*xg.shape[:-1], k, dtype=xg.dtype)
     rows = x.numel() // g if g else 0
     if rows:
-        fn(x.data_ptr(), rows, g, k, positions.data_ptr(), values.data_ptr(),
-           torch.get_num_threads())
+        _function(xg.dtype)(x.data_ptr(), rows, g, k, positions.data_ptr(), values.data_ptr(),
+                            torch.get_num_threads())
     return positions, values

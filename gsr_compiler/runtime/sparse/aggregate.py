@@ -48,16 +48,19 @@ from ..kernels import (KERNEL_DTYPES, check_backend, csr_from_edge_index, kernel
                        sparse_aggregate, use_triton)
 from .compressed import CompressedActivation, group_offsets
 
-__all__ = ["compressed_aggregate"]
+__all__ = ["compressed_aggregate", "dense_propagate"]
 
 _REDUCES = {"sum": "sum", "add": "sum", "mean": "mean", "max": "max"}
 
 # Edges handled per step, chosen so a step's [edges, G*k] temporaries stay near 2**22 elements.
 _CHUNK_ELEMENTS = 1 << 22
+# The same for dense_propagate's [edges, D] messages, which it exists to keep small.
+_DENSE_CHUNK_ELEMENTS = 1 << 20
 
 
-def _edge_chunks(num_edges: int, nnz: int) -> Iterator[slice]:
-    step = max(1, _CHUNK_ELEMENTS // max(nnz, 1))
+def _edge_chunks(num_edges: int, nnz: int, budget: Optional[int] = None) -> Iterator[slice]:
+    """Slices of at most ``budget`` (default :data:`_CHUNK_ELEMENTS`) ``/ nnz`` edges."""
+    step = max(1, (budget or _CHUNK_ELEMENTS) // max(nnz, 1))
     for start in range(0, num_edges, step):
         yield slice(start, min(start + step, num_edges))
 
@@ -116,6 +119,54 @@ class _CompressedAggregate(torch.autograd.Function):
                 grad_weight = grad_scale * _inv_in_degree(dst, num_nodes, vals)[dst]
         grad_values = grad_vals.view(values.shape) if need_v else None
         return grad_values, None, None, None, grad_weight, None, None, None
+
+
+class _DensePropagate(torch.autograd.Function):
+    """``out[dst] += w * x[src]`` (then ``/ deg`` for mean), in edge chunks; saves the indices."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, src: Tensor, dst: Tensor, edge_weight: Optional[Tensor],
+                mean: bool) -> Tensor:
+        n, d = x.shape
+        out = x.new_zeros(n, d)
+        for sl in _edge_chunks(src.numel(), d, _DENSE_CHUNK_ELEMENTS):
+            msg = x.index_select(0, src[sl])
+            if edge_weight is not None:
+                msg.mul_(edge_weight[sl].view(-1, 1))
+            out.scatter_add_(0, dst[sl].view(-1, 1).expand_as(msg), msg)
+            del msg
+        deg = None
+        if mean:
+            deg = torch.bincount(dst, minlength=n).clamp_(min=1).to(x.dtype)
+            out.div_(deg.view(-1, 1))
+        ctx.save_for_backward(src, dst, edge_weight, deg)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        src, dst, edge_weight, deg = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        grad_x = grad_out.new_zeros(grad_out.shape)
+        for sl in _edge_chunks(src.numel(), grad_out.shape[1], _DENSE_CHUNK_ELEMENTS):
+            d = dst[sl]
+            g = grad_out.index_select(0, d)
+            if deg is not None:
+                g.div_(deg.index_select(0, d).view(-1, 1))
+            if edge_weight is not None:
+                g.mul_(edge_weight[sl].view(-1, 1))
+            grad_x.index_add_(0, src[sl], g)
+            del g
+        return grad_x, None, None, None, None
+
+
+def dense_propagate(x: Tensor, src: Tensor, dst: Tensor, edge_weight: Optional[Tensor],
+                    mean: bool) -> Tensor:
+    """``sum``/``mean`` of ``edge_weight * x[src]`` at ``dst`` for a *dense* ``x`` (the output of
+    a compressed layer's linear map), in edge chunks: no ``[E, D]`` tensor is formed, and
+    autograd keeps the edge indices (and degrees), not ``x``. ``edge_weight`` takes no gradient."""
+    return _DensePropagate.apply(x, src, dst, edge_weight, mean)
 
 
 def _flat_positions(cols: Tensor, s: Tensor, d: Tensor, width: int) -> Tensor:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .aggregate import compressed_aggregate
+from .aggregate import compressed_aggregate, dense_propagate
 from .compressed import CompressedActivation
 from .linear import compressed_linear
 from .modules import share_state
@@ -119,57 +119,7 @@ class _CompressedMessagePassing(nn.Module):
         here (one that needs a gradient takes :meth:`_aggregate`)."""
         src, dst = self._source_to_target(edge_index)
         w = None if edge_weight is None else edge_weight.detach()
-        return _DensePropagate.apply(x, src, dst, w, self.aggr == "mean")
-
-
-# Edges per chunk of _DensePropagate: a chunk's [edges, D] messages stay near 2**20 elements.
-_PROPAGATE_CHUNK_ELEMENTS = 1 << 20
-
-
-def _propagate_chunks(num_edges: int, width: int):
-    step = max(1, _PROPAGATE_CHUNK_ELEMENTS // max(width, 1))
-    for start in range(0, num_edges, step):
-        yield slice(start, min(start + step, num_edges))
-
-
-class _DensePropagate(torch.autograd.Function):
-    """``out[dst] += w * x[src]`` (then ``/ deg`` for mean), in edge chunks; saves the indices."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, src: Tensor, dst: Tensor, edge_weight: Optional[Tensor],
-                mean: bool) -> Tensor:
-        n, d = x.shape
-        out = x.new_zeros(n, d)
-        for sl in _propagate_chunks(src.numel(), d):
-            msg = x.index_select(0, src[sl])
-            if edge_weight is not None:
-                msg.mul_(edge_weight[sl].view(-1, 1))
-            out.scatter_add_(0, dst[sl].view(-1, 1).expand_as(msg), msg)
-            del msg
-        deg = None
-        if mean:
-            deg = torch.bincount(dst, minlength=n).clamp_(min=1).to(x.dtype)
-            out.div_(deg.view(-1, 1))
-        ctx.save_for_backward(src, dst, edge_weight, deg)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        src, dst, edge_weight, deg = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        grad_x = grad_out.new_zeros(grad_out.shape)
-        for sl in _propagate_chunks(src.numel(), grad_out.shape[1]):
-            d = dst[sl]
-            g = grad_out.index_select(0, d)
-            if deg is not None:
-                g.div_(deg.index_select(0, d).view(-1, 1))
-            if edge_weight is not None:
-                g.mul_(edge_weight[sl].view(-1, 1))
-            grad_x.index_add_(0, src[sl], g)
-            del g
-        return grad_x, None, None, None, None
+        return dense_propagate(x, src, dst, w, self.aggr == "mean")
 
 
 class CompressedGCNConv(_CompressedMessagePassing):
