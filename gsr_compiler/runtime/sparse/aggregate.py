@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ..kernels import (KERNEL_DTYPES, check_backend, csr_from_edge_index, kernel_covers_group,
                        sparse_aggregate, use_triton)
+from ..slicing import slices
 from .compressed import CompressedActivation, group_offsets
 
 __all__ = ["compressed_aggregate", "dense_propagate"]
@@ -60,9 +61,7 @@ _DENSE_CHUNK_ELEMENTS = 1 << 20
 
 def _edge_chunks(num_edges: int, nnz: int, budget: Optional[int] = None) -> Iterator[slice]:
     """Slices of at most ``budget`` (default :data:`_CHUNK_ELEMENTS`) ``/ nnz`` edges."""
-    step = max(1, (budget or _CHUNK_ELEMENTS) // max(nnz, 1))
-    for start in range(0, num_edges, step):
-        yield slice(start, min(start + step, num_edges))
+    return slices(num_edges, nnz, budget or _CHUNK_ELEMENTS)
 
 
 class _CompressedAggregate(torch.autograd.Function):

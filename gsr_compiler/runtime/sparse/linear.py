@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..slicing import slices
 from .compressed import CompressedActivation, group_offsets
 
 __all__ = ["compressed_linear"]
@@ -63,16 +64,14 @@ class _CompressedLinear(torch.autograd.Function):
         width = num_groups * group
         # In row chunks: the [rows, D] products and reconstructions stay near 2**20 elements
         # instead of a full [N, D] transient each.
-        step = max(1, _ROW_CHUNK_ELEMENTS // max(width, grad_out.shape[1], 1))
+        row_slices = list(slices(n, max(width, grad_out.shape[1]), _ROW_CHUNK_ELEMENTS))
         if ctx.needs_input_grad[0]:
             grad_values = values.new_empty(values.shape)
-            for r in range(0, n, step):
-                rs = slice(r, min(r + step, n))
+            for rs in row_slices:
                 grad_values[rs] = (grad_out[rs] @ weight).view(-1, num_groups, group).gather(-1, idx[rs])
         if ctx.needs_input_grad[2]:
             grad_weight = None
-            for r in range(0, n, step):
-                rs = slice(r, min(r + step, n))
+            for rs in row_slices:
                 dense = values.new_zeros(rs.stop - rs.start, num_groups, group).scatter_(
                     -1, idx[rs], values[rs]).view(-1, width)
                 part = grad_out[rs].t() @ dense
