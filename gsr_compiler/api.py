@@ -11,6 +11,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from .config import GSRConfig
 from .errors import GSRCompileError
 from .passes.branch_dropout import BranchDropoutPass
+from .passes.recompute_rowwise_head import RecomputeRowwiseHead
 from .passes.find_residual_chains import FindResidualChains
 from .passes.functional_dropout_to_module import FunctionalDropoutToModule
 from .passes.group_sparse_activation import GroupSparseActivation
@@ -123,6 +124,8 @@ class GSRModule(nn.Module):
         if config.sparse_k is not None:
             passes.append(GroupSparseActivation(config.sparse_k, config.sparse_group))
         passes.append(BranchDropoutPass())
+        if config.recompute_head:
+            passes.append(RecomputeRowwiseHead(self._registry))
         kernels = SelectKernelBackend(backend)
         planner = PlanActivationMemory(mode, self.coupling_arena)
         passes += [kernels, planner]

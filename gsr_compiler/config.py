@@ -37,13 +37,19 @@ class GSRConfig:
             groups between blocks and their gradients), allocated once per input size and reused
             across steps, instead of a fresh tensor per update. Results are the same bit for bit;
             ``False`` turns it off for comparison. ``explain()`` reports the plan either way.
+        recompute_head: the row-wise layers that read a chain's output (a model head such as
+            ``decoder(relu(norm(h)))``: Linear, LayerNorm, elementwise activations) run over
+            blocks of rows and are recomputed in backward, keeping only the chain output, which
+            the chain keeps anyway (default ``True``). The same function; ``explain()`` lists
+            each such run. ``False`` leaves them to autograd, for comparison.
         backend: who runs the coupling update and inverse of the chains and, with ``sparse_k``,
             the group top-k and the compressed sum/mean aggregation: ``"auto"`` (default) the
             Triton kernels on CUDA tensors when triton is importable and torch otherwise,
             ``"torch"`` always torch, ``"triton"`` always the kernels (on CPU tensors only in
             Triton's interpreter, ``TRITON_INTERPRET=1``; otherwise compiling raises). The
-            coupling and the top-k give the same results as torch; the aggregation agrees to
-            float tolerance (it sums in another order). ``explain()`` says what runs.
+            coupling and the top-k give the same results as torch; the aggregation and the fused
+            LayerNorm + top-k agree to float tolerance (they sum in another order).
+            ``explain()`` says what runs.
     """
 
     groups: int = 2
@@ -52,6 +58,7 @@ class GSRConfig:
     sparse_k: int | None = None
     sparse_group: int | None = None
     plan_memory: bool = True
+    recompute_head: bool = True
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -61,8 +68,9 @@ class GSRConfig:
                 f"{', '.join(repr(b) for b in BACKENDS)} ('auto': Triton kernels on CUDA tensors, "
                 "torch otherwise; 'torch': always torch; 'triton': always the kernels)."
             )
-        if not isinstance(self.plan_memory, bool):
-            raise GSRCompileError(f"plan_memory={self.plan_memory!r}: must be True or False.")
+        for name in ("plan_memory", "recompute_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise GSRCompileError(f"{name}={getattr(self, name)!r}: must be True or False.")
         if not isinstance(self.groups, int) or isinstance(self.groups, bool) or self.groups < 2:
             raise GSRCompileError(
                 f"groups={self.groups!r}: grouped reversible coupling needs at least 2 channel "

@@ -77,7 +77,7 @@ class Baseline:
             return self.title
         text = f"{self.title}: gsr_compile({', '.join(f'{k}={v!r}' for k, v in options.items())})"
         if self.name == "gsr-full":
-            missing = [n for n in ("plan_memory", "backend") if n not in _gsr_config_fields()]
+            missing = [n for n in _FULL_ONLY + ("backend",) if n not in _gsr_config_fields()]
             if missing:
                 text += (f"; this GSRConfig has no {' or '.join(missing)} option, so that part "
                          "is not included")
@@ -129,6 +129,10 @@ class DeepGCNResidualGNN(nn.Module):
 # ----------------------------------------------------------------------------- GSR options
 
 
+# GSRConfig options of the execution pipeline, on in gsr-full only.
+_FULL_ONLY = ("plan_memory", "recompute_head")
+
+
 def _gsr_config_fields() -> dict[str, Any]:
     from ..config import GSRConfig
 
@@ -139,24 +143,26 @@ def gsr_options(name: str, spec: ModelSpec, on_cuda: bool = False) -> dict[str, 
     """The ``gsr_compile`` options of a GSR baseline (None for the others).
 
     ``gsr-full`` turns on everything the installed ``GSRConfig`` offers: the group top-k,
-    and the planned arena and the Triton backend where those options exist (Triton on CUDA
-    only: on CPU its kernels would run in the interpreter, so the option keeps its default).
-    ``gsr-rev`` and ``gsr-sparse`` leave the planned arena off, so that each step of the
-    ladder shows what it adds.
+    and the planned arena, the recomputed head and the Triton backend where those options exist
+    (Triton on CUDA only: on CPU its kernels would run in the interpreter, so the option keeps
+    its default). ``gsr-rev`` and ``gsr-sparse`` leave the arena and the recomputed head off,
+    so that each step of the ladder shows what it adds.
     """
     known = _gsr_config_fields()
     if name in ("gsr-rev", "gsr-sparse"):
         options: dict[str, Any] = {"groups": spec.groups}
         if name == "gsr-sparse":
             options["sparse_k"] = spec.top_k
-        if "plan_memory" in known:  # the planned arena belongs to gsr-full only
-            options["plan_memory"] = False
+        for option in _FULL_ONLY:  # the execution pipeline belongs to gsr-full only
+            if option in known:
+                options[option] = False
         return options
     if name != "gsr-full":
         return None
     options = {"groups": spec.groups, "sparse_k": spec.top_k}
-    if "plan_memory" in known:
-        options["plan_memory"] = True
+    for option in _FULL_ONLY:
+        if option in known:
+            options[option] = True
     if "backend" in known:
         from ..runtime.kernels._dispatch import HAS_TRITON
 
