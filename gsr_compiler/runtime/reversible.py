@@ -299,6 +299,13 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
         grad = _groups_shaped(scratch.grad, ys[0])
         y0 = _group_shaped(scratch.y0, ys[0])
         arena_storage = scratch.state[0].untyped_storage().data_ptr()
+        # The last block reads the chain output's groups from the arena: a column chunk of y is
+        # strided, and layers such as LayerNorm copy a strided input (one more [N, D/G]
+        # tensor at the step's peak). The inverse then overwrites them in place, as it does
+        # for every earlier block.
+        for j in range(G):
+            state[j].copy_(ys[j])
+        ys = list(state)
     with frozen_running_stats(chain):
         for i in range(chain.depth - 1, -1, -1):
             block = chain.blocks[i]
