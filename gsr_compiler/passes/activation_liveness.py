@@ -47,6 +47,7 @@ from ..runtime.reversible import ReversibleChain
 from ..runtime.sparse import CompressedDropout, GroupTopK, GroupTopKCompress
 from ..runtime.sparse.compressed import compressed_nbytes_per_row
 from ..runtime.sparse.conv import _CompressedMessagePassing
+from ..runtime.sparse.norm_topk import LayerNormGroupTopKCompress
 
 try:
     from torch_geometric.nn.conv import MessagePassing
@@ -328,6 +329,8 @@ class _LivenessWalk:
         m = self._module(seg, node)
         if isinstance(m, (nn.Dropout, CompressedDropout)):
             return "nothing"
+        if isinstance(m, LayerNormGroupTopKCompress):
+            return "inputs"  # the LayerNorm's input; the top-k's indices are small beside it
         return "output" if isinstance(m, _KEEP_OUTPUT_MODULES) else "inputs"
 
     def _mask(self, seg: _Segment, node: fx.Node) -> Optional[SymbolicSize]:

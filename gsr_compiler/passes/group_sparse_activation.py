@@ -44,6 +44,7 @@ from ..runtime.sparse import (CompressedDropout, CompressedGCNConv, CompressedGI
                               CompressedGraphConv, CompressedLinear, CompressedSAGEConv,
                               GroupTopK, GroupTopKCompress, compression_ratio)
 from ..runtime.sparse.conv import COMPRESSED_AGGREGATIONS
+from ..runtime.sparse.norm_topk import LayerNormGroupTopKCompress
 from .unused_submodules import delete_unused_submodules
 
 RELU_FUNCTIONS = {F.relu: False, torch.relu: False, F.relu_: True, torch.relu_: True}  # -> in place
@@ -78,6 +79,7 @@ class BranchSparsity:
     compressed: list[str] = field(default_factory=list)                  # consumer types
     dropouts: int = 0                                                     # on kept values
     dense: list[tuple[str, str]] = field(default_factory=list)           # (consumer, why)
+    fused_norms: int = 0                                                  # LayerNorm + top-k
     skipped: list[tuple[str, str]] = field(default_factory=list)         # (activation, why)
 
 
@@ -399,14 +401,35 @@ class _BranchRewriter:
         self.summary.replaced.append((int(meta.shape[-1]) // self.groups, meta.dtype))
         x = relu.args[0]
         if self._reaches_compressed_consumer(relu):
-            c = self._call_new_module(relu, f"{relu.name}_topk", GroupTopKCompress(self.k, self.g), (x,))
-            self._feed_compressed(relu, c)
+            norm = self._fusable_norm(x)
+            if norm is not None:
+                # The LayerNorm's node now yields the compressed form: its module is swapped, under
+                # the same name and with the same parameters, for the fused norm and top-k.
+                self.branch.add_submodule(str(x.target), LayerNormGroupTopKCompress(norm, self.k, self.g))
+                x.meta.pop("tensor_meta", None)
+                self.summary.fused_norms += 1
+                self._feed_compressed(relu, x)
+            else:
+                c = self._call_new_module(relu, f"{relu.name}_topk", GroupTopKCompress(self.k, self.g), (x,))
+                self._feed_compressed(relu, c)
         else:
             self.summary.dense += self._final_consumers(relu)
             topk = self._call_new_module(relu, f"{relu.name}_topk", GroupTopK(self.k, self.g), (x,))
             topk.meta = dict(relu.meta)
             relu.replace_all_uses_with(topk)
         self._erase(relu)
+
+    def _fusable_norm(self, x: fx.Node) -> nn.LayerNorm | None:
+        """The ``nn.LayerNorm`` (over the last dimension) computing ``x``, when nothing but the
+        ReLU reads ``x`` and the layer runs once, so it can be fused into the top-k."""
+        m = self._module(x) if isinstance(x, fx.Node) else None
+        if type(m) is not nn.LayerNorm or len(m.normalized_shape) != 1:
+            return None
+        if len(x.users) != 1 or len(x.args) != 1 or x.kwargs:
+            return None
+        if sum(1 for n in self.graph.nodes if n.op == "call_module" and n.target == x.target) > 1:
+            return None
+        return m
 
     def _feed_compressed(self, dense: fx.Node, compressed: fx.Node) -> None:
         """Makes the users of ``dense`` read ``compressed`` (the same values, compressed)."""
@@ -455,6 +478,10 @@ def _chain_notes(name: str, summaries: list[BranchSparsity], k: int, g: int) -> 
                      f"({'; '.join(parts)})")
     else:
         notes.append(f"{name}: no replaceable ReLU in the branches; activations unchanged")
+    fused = sum(s.fused_norms for s in summaries)
+    if fused:
+        notes.append(f"{name}: LayerNorm fused into the top-k x{fused} (LayerNormGroupTopKCompress): "
+                     "neither its normalized output nor a dense gradient of it is formed")
     compressed = Counter(c for s in summaries for c in s.compressed)
     if compressed:
         drops = sum(s.dropouts for s in summaries)

@@ -4,8 +4,10 @@ backend="torch", forward and every gradient.
 The test session imports triton in interpreter mode (tests/conftest.py), which cannot run
 compiled kernels, so the comparison runs in a subprocess without ``TRITON_INTERPRET``. Models
 whose other ops are deterministic on CUDA (Linear, LayerNorm, top-k, the compressed Linear; no
-message passing, whose scatter is not) must agree bit for bit; the GIN model, whose compressed
-aggregation the kernel runs, to float tolerance. Skipped without CUDA.
+message passing, whose scatter is not) must agree bit for bit where no kernel computes in its own
+order; the GIN model, whose compressed
+aggregation the kernel runs, and the sparse MLP, whose LayerNorm the fused LayerNorm + top-k
+kernel computes, to float tolerance. Skipped without CUDA.
 """
 import json
 import os
@@ -115,6 +117,7 @@ def test_auto_backend_on_cuda_equals_torch():
             assert r["launches"].get("_group_topk_fwd_kernel", 0) > 0, (case, r)
         if case.startswith("gin"):
             assert r["launches"].get("_sparse_aggregate_fwd_kernel", 0) > 0, (case, r)
+        if "sparse" in case:  # the kernels normalize or aggregate in float32, in their own order
             assert r["max_rel"] < 1e-4, (case, r)
         else:
             assert r["equal"], (case, r)

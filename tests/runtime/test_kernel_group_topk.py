@@ -180,3 +180,30 @@ def test_philox_reference_equals_tl_rand_bit_for_bit():
             out = torch.full((n,), float("nan"))
             kernel[(triton.cdiv(n, 128),)](out, seed, offset, n, BLOCK=128)
             assert torch.equal(out, philox_uniform(seed, torch.arange(n) + offset)), (seed, offset)
+
+
+def test_fused_layer_norm_topk_module_runs_the_kernel_under_triton(rng):
+    """LayerNormGroupTopKCompress with backend 'triton' runs the fused kernel, which selects what
+    the row-block torch path selects (values to float tolerance, gradients too)."""
+    from torch import nn
+
+    from gsr_compiler.runtime.sparse import LayerNormGroupTopKCompress
+
+    n, d, g, k = 21, 32, 16, 3
+    norm = nn.LayerNorm(d)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=rng)
+        norm.bias.normal_(0, 0.3, generator=rng)
+    x = well_separated_input(n, d, g, k, rng, True, norm.weight, norm.bias).requires_grad_()
+    module = LayerNormGroupTopKCompress(norm, k, g)
+    results = {}
+    for backend in ("triton", "torch"):
+        module.kernel_backend = backend
+        c = module(x)
+        grads = torch.autograd.grad(c.values.square().sum(), [x, norm.weight, norm.bias])
+        results[backend] = (c, grads)
+    (ct, gt), (cr, gr) = results["triton"], results["torch"]
+    assert torch.equal(ct.indices, cr.indices)
+    torch.testing.assert_close(ct.values, cr.values, rtol=1e-5, atol=1e-5)
+    for a, e in zip(gt, gr):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

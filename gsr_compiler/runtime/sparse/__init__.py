@@ -4,7 +4,9 @@
   (dense in, dense out; autograd keeps only uint8 positions).
 * :func:`group_topk_compress` -> :class:`CompressedActivation`: the same, in compressed form.
 * :func:`compressed_linear`, :func:`compressed_aggregate`: the next op, reading the compressed form.
-* Module forms the compiler inserts: :class:`GroupTopKCompress`, :class:`CompressedDropout`,
+* :func:`layer_norm_group_topk_compress`: a LayerNorm and the top-k in one op, in row blocks.
+* Module forms the compiler inserts: :class:`GroupTopKCompress` (:class:`LayerNormGroupTopKCompress`
+  where a LayerNorm precedes it), :class:`CompressedDropout`,
   :class:`CompressedLinear`, and the message-passing layers :class:`CompressedGCNConv`,
   :class:`CompressedSAGEConv`, :class:`CompressedGraphConv`, :class:`CompressedGINConv`.
 
@@ -16,6 +18,7 @@ from .aggregate import compressed_aggregate
 from .linear import compressed_linear
 from .topk import GroupTopK, group_topk, group_topk_compress, select_group_topk
 from .modules import CompressedDropout, CompressedLinear, GroupTopKCompress
+from .norm_topk import LayerNormGroupTopKCompress, layer_norm_group_topk_compress
 from .conv import CompressedGCNConv, CompressedGINConv, CompressedGraphConv, CompressedSAGEConv
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "CompressedSAGEConv",
     "GroupTopKCompress",
     "GroupTopK",
+    "LayerNormGroupTopKCompress",
     "compressed_aggregate",
     "compressed_linear",
     "compressed_nbytes_per_row",
@@ -35,5 +39,6 @@ __all__ = [
     "group_topk",
     "group_topk_compress",
     "index_dtype_for_group",
+    "layer_norm_group_topk_compress",
     "select_group_topk",
 ]
