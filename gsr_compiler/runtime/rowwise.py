@@ -55,12 +55,6 @@ class RowwiseStep:
             return getattr(self.target, "__name__", str(self.target))
         return f".{self.target}()"
 
-    def __getstate__(self):
-        return (self.kind, self.target, self.index, self.args, self.kwargs)
-
-    def __setstate__(self, state) -> None:
-        self.kind, self.target, self.index, self.args, self.kwargs = state
-
 
 class RowwiseRecompute(nn.Module):
     """Runs ``steps`` over the rows of its input in blocks; keeps only the input for backward.
