@@ -45,6 +45,7 @@ from ..runtime.sparse import (CompressedDropout, CompressedGCNConv, CompressedGI
                               GroupTopK, GroupTopKCompress, compression_ratio)
 from ..runtime.sparse.conv import COMPRESSED_AGGREGATIONS
 from ..runtime.sparse.norm_topk import LayerNormGroupTopKCompress
+from .layer_types import LINEAR_TYPES
 from .unused_submodules import delete_unused_submodules
 
 RELU_FUNCTIONS = {F.relu: False, torch.relu: False, F.relu_: True, torch.relu_: True}  # -> in place
@@ -101,16 +102,7 @@ def _conv_factories() -> dict[type, Callable[[nn.Module], nn.Module]]:
             pyg.GraphConv: CompressedGraphConv, pyg.GINConv: CompressedGINConv}
 
 
-def _pyg_linear() -> tuple[type, ...]:
-    try:
-        from torch_geometric.nn.dense.linear import Linear
-    except ImportError:  # pragma: no cover
-        return ()
-    return (Linear,)
-
-
 _CONVS = _conv_factories()
-_LINEARS = (nn.Linear, *_pyg_linear())
 # Arguments after (x, edge_index) each layer's compressed form accepts, by position.
 _CONV_EXTRA_ARGS = {"GCNConv": ("edge_weight",), "SAGEConv": ("size",),
                     "GraphConv": ("edge_weight", "size"), "GINConv": ("size",)}
@@ -277,6 +269,11 @@ class _BranchRewriter:
         for kind, n in inner.items():
             self.summary.skipped += [(f"{kind} inside {type(m).__name__}", INSIDE_LEAF)] * n
 
+    def _called_once(self, node: fx.Node) -> bool:
+        """Whether ``node``'s layer runs at no other node (a swap would change those too)."""
+        return sum(1 for n in self.graph.nodes
+                   if n.op == "call_module" and n.target == node.target) == 1
+
     def _describe(self, node: fx.Node) -> str:
         """What a consumer is, without its per-branch name (notes are summed over branches)."""
         if node.op == "output":
@@ -332,9 +329,9 @@ class _BranchRewriter:
         name = type(m).__name__
         if not self._reads_only_as_x(user, value):
             return None, f"{name} reads it other than as its input features"
-        if sum(1 for n in self.graph.nodes if n.op == "call_module" and n.target == user.target) > 1:
+        if not self._called_once(user):
             return None, f"{name} '{user.target}' is called more than once"
-        if isinstance(m, _LINEARS):
+        if isinstance(m, LINEAR_TYPES):
             if len(user.args) != 1 or user.kwargs:
                 return None, "Linear called with extra arguments"
             if isinstance(m.weight, nn.parameter.UninitializedParameter):
@@ -427,9 +424,7 @@ class _BranchRewriter:
             return None
         if len(x.users) != 1 or len(x.args) != 1 or x.kwargs:
             return None
-        if sum(1 for n in self.graph.nodes if n.op == "call_module" and n.target == x.target) > 1:
-            return None
-        return m
+        return m if self._called_once(x) else None
 
     def _feed_compressed(self, dense: fx.Node, compressed: fx.Node) -> None:
         """Makes the users of ``dense`` read ``compressed`` (the same values, compressed)."""

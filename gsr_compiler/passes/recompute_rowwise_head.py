@@ -30,6 +30,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..report import format_bytes
 from ..runtime.reversible import ReversibleChain
 from ..runtime.rowwise import RowwiseRecompute, RowwiseStep
+from .layer_types import LINEAR_TYPES
 from .propagate_shapes import node_bytes
 from .unused_submodules import delete_unused_submodules
 
@@ -42,25 +43,12 @@ _ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.gelu, F.silu, F.elu, F.leaky_relu
 _ACTIVATION_METHODS = {"relu", "sigmoid", "tanh"}
 
 
-def _pyg_linear() -> tuple[type, ...]:
-    try:
-        from torch_geometric.nn.dense.linear import Linear
-    except ImportError:  # pragma: no cover
-        return ()
-    return (Linear,)
-
-
-_PYG_LINEAR = _pyg_linear()
-
-
 def _module_min_ndim(module: nn.Module) -> int | None:
     """The fewest input dimensions for which ``module`` is row-wise along dim 0, or None when
     it is not a row-wise layer (exact types only: a subclass may override ``forward``)."""
     kind = type(module)
-    if kind is nn.Linear:
-        return 2
-    if _PYG_LINEAR and kind is _PYG_LINEAR[0]:
-        # A lazy layer (in_channels=-1) is shaped by its first call: not before the trace ends.
+    if kind in LINEAR_TYPES:
+        # A lazy PyG layer (in_channels=-1) is shaped by its first call: not before the trace ends.
         initialized = not isinstance(module.weight, nn.parameter.UninitializedParameter)
         return 2 if initialized else None
     if kind is nn.LayerNorm or (hasattr(nn, "RMSNorm") and kind is nn.RMSNorm):
@@ -100,11 +88,11 @@ class RecomputeRowwiseHead(PassBase):
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
                                                          ReversibleChain):
                 for user in list(node.users):
-                    run = self._run_from(gm, node, user)
+                    run, min_ndim = self._run_from(gm, node, user)
                     if len(run) >= 2:
-                        runs.append((node, run))
-        for chain, run in runs:
-            self._replace(gm, chain, run)
+                        runs.append((node, run, min_ndim))
+        for chain, run, min_ndim in runs:
+            self._replace(gm, chain, run, min_ndim)
         if runs:
             delete_unused_submodules(gm)
             gm.graph.lint()
@@ -131,23 +119,25 @@ class RecomputeRowwiseHead(PassBase):
             return None  # in place on the chain output would change what the chain keeps
         return ndim
 
-    def _run_from(self, gm: fx.GraphModule, chain: fx.Node, node: fx.Node) -> list[fx.Node]:
-        run, prev = [], chain
-        while self._row_wise(gm, node, prev, first=not run) is not None:
+    def _run_from(self, gm: fx.GraphModule, chain: fx.Node, node: fx.Node
+                  ) -> tuple[list[fx.Node], int]:
+        """The row-wise run starting at ``node``, and the fewest input dimensions it needs."""
+        run, prev, min_ndim = [], chain, 1
+        while (ndim := self._row_wise(gm, node, prev, first=not run)) is not None:
             run.append(node)
+            min_ndim = max(min_ndim, ndim)
             if len(node.users) != 1:
                 break  # its value is read elsewhere too: the run ends with it
             prev, node = node, next(iter(node.users))
-        return run
+        return run, min_ndim
 
     # -- the rewrite ---------------------------------------------------------------------
 
-    def _replace(self, gm: fx.GraphModule, chain: fx.Node, run: list[fx.Node]) -> None:
+    def _replace(self, gm: fx.GraphModule, chain: fx.Node, run: list[fx.Node], min_ndim: int
+                 ) -> None:
         targets: list[str] = []
         steps = []
-        min_ndim = 1
         for node in run:
-            min_ndim = max(min_ndim, self._row_wise(gm, node, node.args[0], first=False))
             extra = tuple(node.args[1:])
             if node.op == "call_module":
                 if node.target not in targets:
