@@ -340,6 +340,9 @@ class _LivenessWalk:
             training = m.training if not isinstance(m, CompressedDropout) or \
                 m.fixed_training is None else m.fixed_training
             active = training and m.p > 0
+        elif isinstance(m, GroupTopKCompress):
+            # A folded dropout: the torch path keeps its mask (the kernel path keeps none).
+            active = m.active_dropout() > 0
         elif node.op == "call_function" and node.target is F.dropout:
             p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
             active = bool(node.kwargs.get("training", node.args[2] if len(node.args) > 2

@@ -11,7 +11,8 @@ GraphModule of every ``ReversibleChain``:
    outputs, saturation) and stay; ``explain()`` lists them. So do activations inside layers the
    trace keeps whole (``GINConv``'s MLP, PyG ``MLP``), and ReLUs whose input width is not a
    multiple of ``g``.
-2. When the op right after it (possibly through a dropout, which then drops kept values) is a
+2. When the op right after it (possibly through a dropout, which then drops kept values and,
+   when nothing else reads the ReLU, is folded into the top-k) is a
    ``Linear`` or a ``GCNConv`` / ``SAGEConv`` / ``GraphConv`` / ``GINConv``, the top-k produces
    a ``CompressedActivation`` and that layer is swapped for its compressed form from
    ``runtime.sparse`` (sharing its parameters: same objects, same ``state_dict`` keys). Any
@@ -81,6 +82,7 @@ class BranchSparsity:
     dropouts: int = 0                                                     # on kept values
     dense: list[tuple[str, str]] = field(default_factory=list)           # (consumer, why)
     fused_norms: int = 0                                                  # LayerNorm + top-k
+    fused_dropouts: int = 0                                               # top-k + dropout
     skipped: list[tuple[str, str]] = field(default_factory=list)         # (activation, why)
 
 
@@ -398,17 +400,27 @@ class _BranchRewriter:
         self.summary.replaced.append((int(meta.shape[-1]) // self.groups, meta.dtype))
         x = relu.args[0]
         if self._reaches_compressed_consumer(relu):
+            # A dropout that alone reads the ReLU is folded into the top-k (None: there is none).
+            dropout = self._foldable_dropout(relu)
+            drop_args = () if dropout is None else self._dropout_args(dropout)
             norm = self._fusable_norm(x)
             if norm is not None:
                 # The LayerNorm's node now yields the compressed form: its module is swapped, under
                 # the same name and with the same parameters, for the fused norm and top-k.
-                self.branch.add_submodule(str(x.target), LayerNormGroupTopKCompress(norm, self.k, self.g))
+                self.branch.add_submodule(
+                    str(x.target), LayerNormGroupTopKCompress(norm, self.k, self.g, *drop_args))
                 x.meta.pop("tensor_meta", None)
                 self.summary.fused_norms += 1
-                self._feed_compressed(relu, x)
+                c = x
             else:
-                c = self._call_new_module(relu, f"{relu.name}_topk", GroupTopKCompress(self.k, self.g), (x,))
+                c = self._call_new_module(relu, f"{relu.name}_topk",
+                                          GroupTopKCompress(self.k, self.g, *drop_args), (x,))
+            if dropout is None:
                 self._feed_compressed(relu, c)
+            else:
+                self.summary.fused_dropouts += 1
+                self._feed_compressed(dropout, c)
+                self._erase(dropout)
         else:
             self.summary.dense += self._final_consumers(relu)
             topk = self._call_new_module(relu, f"{relu.name}_topk", GroupTopK(self.k, self.g), (x,))
@@ -426,17 +438,29 @@ class _BranchRewriter:
             return None
         return m if self._called_once(x) else None
 
+    def _foldable_dropout(self, relu: fx.Node) -> fx.Node | None:
+        """The dropout that is the ReLU's only reader and feeds a compressed consumer, or None."""
+        users = list(relu.users)
+        if len(users) == 1 and self._is_dropout(users[0], relu) \
+                and self._reaches_compressed_consumer(users[0]):
+            return users[0]
+        return None
+
+    def _dropout_args(self, dropout: fx.Node) -> tuple[float, bool | None]:
+        """(p, fixed training flag or None to follow train()/eval()) of a dropout node."""
+        if dropout.op != "call_function":
+            return self._module(dropout).p, None
+        p = dropout.kwargs.get("p", dropout.args[1] if len(dropout.args) > 1 else 0.5)
+        return p, bool(dropout.kwargs.get("training",
+                                          dropout.args[2] if len(dropout.args) > 2 else True))
+
     def _feed_compressed(self, dense: fx.Node, compressed: fx.Node) -> None:
         """Makes the users of ``dense`` read ``compressed`` (the same values, compressed)."""
         to_dense = None
         for user in list(dense.users):
             if self._is_dropout(user, dense) and self._reaches_compressed_consumer(user):
-                p = user.kwargs.get("p", user.args[1] if len(user.args) > 1 else 0.5) \
-                    if user.op == "call_function" else self._module(user).p
-                fixed = None
-                if user.op == "call_function":
-                    fixed = bool(user.kwargs.get("training", user.args[2] if len(user.args) > 2 else True))
-                drop = self._call_new_module(user, f"{user.name}_kept", CompressedDropout(p, fixed),
+                drop = self._call_new_module(user, f"{user.name}_kept",
+                                             CompressedDropout(*self._dropout_args(user)),
                                              (compressed,))
                 self.summary.dropouts += 1
                 self._feed_compressed(user, drop)
@@ -477,6 +501,11 @@ def _chain_notes(name: str, summaries: list[BranchSparsity], k: int, g: int) -> 
     if fused:
         notes.append(f"{name}: LayerNorm fused into the top-k x{fused} (LayerNormGroupTopKCompress): "
                      "neither its normalized output nor a dense gradient of it is formed")
+    folded = sum(s.fused_dropouts for s in summaries)
+    if folded:
+        notes.append(f"{name}: dropout folded into the top-k x{folded}: it drops kept values only; "
+                     "the Triton kernel (CUDA) draws a counter-based mask as it writes them and "
+                     "keeps no mask for backward")
     compressed = Counter(c for s in summaries for c in s.compressed)
     if compressed:
         drops = sum(s.dropouts for s in summaries)

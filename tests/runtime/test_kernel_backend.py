@@ -2,7 +2,10 @@
 aggregation as Triton kernels (interpreted on CPU) against the torch path, launch counts proving
 the kernels ran, the choice of "auto", and the errors for backends that cannot run."""
 import copy
+import functools
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +13,14 @@ import torch
 from gsr_compiler import GSRCompileError, GSRConfig, gsr_compile
 from gsr_compiler.models import ResidualGNN
 from gsr_compiler.runtime.kernels import _dispatch, choose_backend
-from gsr_compiler.runtime.sparse import compressed_aggregate, group_topk_compress
+from gsr_compiler.runtime.kernels.topk import group_topk_reference
+from gsr_compiler.runtime.replay import draw_seed
+from gsr_compiler.runtime.sparse import (CompressedDropout, GroupTopKCompress, compressed_aggregate,
+                                         group_topk_compress, layer_norm_group_topk_compress)
 from residual_models import GINResidual
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the core reference
+from core.reference import reference_copy  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not importable")
 pytestmark = [pytest.mark.triton_kernels, pytest.mark.interpreter_loops]
@@ -41,17 +50,18 @@ def graph(nodes, edges, seed=0, in_channels=5):
             torch.randint(0, nodes, (2, edges), generator=g))
 
 
-def build(kind):
+def build(kind, dropout=None):
     torch.manual_seed(0)
     if kind == "gin-mlp":
-        return GINResidual(width=16, depth=2, dropout=0.2)
+        return GINResidual(width=16, depth=2, dropout=0.2 if dropout is None else dropout)
     conv, width = kind.split("-")
-    return ResidualGNN(5, int(width), 3, depth=2, conv=conv, dropout=0.3)
+    return ResidualGNN(5, int(width), 3, depth=2, conv=conv,
+                       dropout=0.3 if dropout is None else dropout)
 
 
-def compiled_pair(kind, nodes, edges, **options):
+def compiled_pair(kind, nodes, edges, dropout=None, **options):
     """The same model compiled with backend='torch' and backend='triton', equal weights."""
-    model = build(kind)
+    model = build(kind, dropout)
     example = graph(nodes, edges)
     torch_model = gsr_compile(copy.deepcopy(model), example_inputs=example, backend="torch",
                               **options)
@@ -71,12 +81,13 @@ def step(model, inputs, seed):
 
 # (model, groups, options, exact): exact = bit for bit (torch.equal); else float tolerance
 # (where the fused LayerNorm + top-k kernel normalizes, or the compressed aggregation sums, in
-# float32 in its own order).
+# float32 in its own order). Sparse models run without dropout here: the top-k kernel draws the
+# dropout folded into it with its own counter-based mask (see the replay test below).
 CASES = [
-    ("sage-24", 2, {}, True),                                      # group width 12: ragged tiles
-    ("gcn-24", 3, {}, True),                                       # G=3: y0 = x2 + x3 as well
-    ("sage-24", 2, {"sparse_k": 2, "sparse_group": 4}, False),    # LayerNorm + top-k kernel
-    ("gin-mlp", 2, {"sparse_k": 3, "sparse_group": 8}, False),    # + aggregation kernel
+    ("sage-24", 2, {}, True),                                                     # group width 12: ragged tiles
+    ("gcn-24", 3, {}, True),                                                      # G=3: y0 = x2 + x3 as well
+    ("sage-24", 2, {"sparse_k": 2, "sparse_group": 4, "dropout": 0.0}, False),   # LayerNorm + top-k kernel
+    ("gin-mlp", 2, {"sparse_k": 3, "sparse_group": 8, "dropout": 0.0}, False),   # + aggregation kernel
 ]
 IDS = ["sage-G2", "gcn-G3", "sage-G2-sparse", "gin-G2-sparse-aggregate"]
 
@@ -89,7 +100,7 @@ def test_triton_backend_equals_torch_backend(kind, groups, options, exact, plan_
     torch_model, triton_model = compiled_pair(kind, nodes, edges, groups=groups,
                                               plan_memory=plan_memory, **options)
     inputs = graph(nodes, edges, seed=1)
-    for seed in range(2):  # dropout on: both backends draw the same torch masks
+    for seed in range(2):  # dense models' dropout: both backends draw the same torch masks
         launches.clear()
         expected = step(torch_model, inputs, seed)
         assert sum(launches.values()) == 0, launches
@@ -117,6 +128,68 @@ def test_triton_backend_equals_torch_backend(kind, groups, options, exact, plan_
         assert torch.equal(a, b)
     else:
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,options,plan_memory", [
+    ("sage-24", {"sparse_k": 2, "sparse_group": 4}, True),    # LayerNorm + top-k + dropout kernel
+    ("gin-mlp", {"sparse_k": 3, "sparse_group": 8}, False),   # top-k + dropout kernel
+], ids=["sage-norm-arena", "gin-fresh"])
+def test_dropout_folded_into_the_topk_kernel_replays_its_mask(kind, options, plan_memory,
+                                                            launches):
+    torch.manual_seed(0)
+    model = gsr_compile(build(kind), example_inputs=graph(37, 90), backend="triton",
+                        plan_memory=plan_memory, **options)
+    topks = [m for m in model.modules() if isinstance(m, GroupTopKCompress)]
+    assert topks and all(m.active_dropout() > 0 for m in topks)
+    assert not any(isinstance(m, CompressedDropout) for m in model.modules())
+    inputs = graph(37, 90, seed=1)
+    reference = reference_copy(model)  # stores everything; draws the same per-branch seeds
+    for seed in range(2):
+        got = step(model, inputs, seed)
+        assert launches[TOPK_FWD] > 0 and launches[TOPK_BWD] > 0
+        reference.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        out = reference(*inputs)
+        (out.square().mean() + out.sum()).backward()
+        torch.testing.assert_close(got[0], out.detach(), rtol=1e-5, atol=1e-5)
+        for g, p in zip(got[1], reference.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+    # The mask is drawn in the kernel: the same model in eval mode computes something else.
+    model.eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        assert not torch.allclose(model.train()(*inputs), model.eval()(*inputs))
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("p", [0.25, 0.6])
+def test_topk_kernel_dropout_draws_from_the_global_generator(layer_norm, p, rng, launches):
+    x = torch.randn(29, 24, generator=rng)
+    w, b = torch.rand(24, generator=rng) + 0.5, torch.randn(24, generator=rng)
+    op = (functools.partial(layer_norm_group_topk_compress, weight=w, bias=b)
+          if layer_norm else group_topk_compress)
+    torch.manual_seed(7)
+    seed = draw_seed()
+    torch.manual_seed(7)
+    leaf = x.clone().requires_grad_()
+    got = op(leaf, 3, 8, backend="triton", dropout_p=p)
+    assert launches[TOPK_FWD] == 1
+    want_leaf = x.clone().requires_grad_()
+    values, indices = group_topk_reference(want_leaf, 3, 8, w, b, layer_norm=layer_norm,
+                                           dropout_p=p, seed=seed)
+    assert torch.equal(got.indices, indices)
+    torch.testing.assert_close(got.values, values, rtol=1e-6, atol=1e-6)
+    dropped = (got.values == 0).float().mean().item()
+    assert abs(dropped - p) < 0.12
+    grad = torch.randn(values.shape, generator=rng)
+    got.values.backward(grad)
+    values.backward(grad)
+    assert launches[TOPK_BWD] == 1
+    torch.testing.assert_close(leaf.grad, want_leaf.grad, rtol=1e-5, atol=1e-6)
+    # p = 1 drops everything: the kernel runs without dropout, torch zeros the values.
+    launches.clear()
+    zeros = op(x, 3, 8, backend="triton", dropout_p=1.0)
+    assert launches[TOPK_FWD] == 1 and torch.equal(zeros.values, torch.zeros_like(zeros.values))
 
 
 def test_auto_backend_on_cpu_runs_torch(launches):

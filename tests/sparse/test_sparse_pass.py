@@ -95,8 +95,10 @@ def test_compiled_sparse_model_matches_store_everything_reference(name):
     # every branch reads the compressed form; nothing dense is formed for it
     assert count(gsr, GroupTopKCompress) == 6 and count(gsr, compressed_type) == 6, gsr.explain()
     assert count(gsr, GroupTopK) == 0
-    if name in WITH_DROPOUT:
-        assert count(gsr, CompressedDropout) == 6  # applied to the kept values, replayed in backward
+    if name in WITH_DROPOUT:  # folded into the top-k: drops kept values, replayed in backward
+        assert count(gsr, CompressedDropout) == 0
+        assert [m.dropout for f in branches(gsr) for m in f.modules()
+                if isinstance(m, GroupTopKCompress)] == [0.3] * 6
     assert_same_step(gsr, reference_copy(gsr), inputs)
 
 
@@ -232,6 +234,35 @@ def test_compressed_layers_equal_pyg_on_dense_topk(name):
             assert_close_rel(a, b, f"{name} output/grad #{i}", tol=1e-12)
 
 
+class DropoutAndLinearReaders(nn.Module):
+    """``lin_a(dropout(a)) + lin_b(a)``, ``a = relu(h)``: the ReLU has a reader besides the
+    dropout, which therefore cannot be folded into the top-k."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin_a, self.lin_b = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, h, edge_index, edge_attr=None, batch=None):
+        a = F.relu(h)
+        return self.lin_a(F.dropout(a, p=0.4, training=self.training)) + self.lin_b(a)
+
+
+def test_dropout_is_folded_only_when_it_alone_reads_the_relu():
+    _, gsr, inputs = build(DropoutAndLinearReaders, sparse_k=2)
+    topks = [m for f in branches(gsr) for m in f.modules() if isinstance(m, GroupTopKCompress)]
+    assert len(topks) == 6 and all(m.dropout == 0.0 for m in topks)
+    assert count(gsr, CompressedDropout) == 6 and count(gsr, CompressedLinear) == 12
+    assert "dropout folded" not in gsr.explain()
+    assert_same_step(gsr, reference_copy(gsr), inputs)
+
+    _, folded, _ = build(CONSUMERS["linear"][0], sparse_k=2)
+    topks = [m for f in branches(folded) for m in f.modules() if isinstance(m, GroupTopKCompress)]
+    # F.dropout(training=self.training) follows train()/eval(), folded or not
+    assert {m.active_dropout() for m in topks} == {0.3}
+    folded.eval()
+    assert {m.active_dropout() for m in topks} == {0.0}
+
+
 # -- explain() --------------------------------------------------------------------------------
 
 def test_explain_lists_replaced_consumed_dense_and_skipped():
@@ -242,7 +273,8 @@ def test_explain_lists_replaced_consumed_dense_and_skipped():
     ratio = compression_ratio(4, 2, 4, torch.float64)
     assert "GroupSparseActivation:" in text
     assert f"6 ReLU -> group top-k, k=2 of g=4 (width 4 float64 x6: {ratio:.1f}x fewer bytes kept)" in text
-    assert "compressed input read by SAGEConv x6 (dropout x6 applied to the kept values)" in text
+    assert "dropout folded into the top-k x6: it drops kept values only" in text
+    assert "compressed input read by SAGEConv x6\n" in text
 
     # a consumer without compressed form: dense top-k just for it; GELU is not ReLU
     gat = lambda: Branch(pyg.GATConv(D, D // 2, heads=2), nn.LayerNorm(D))  # noqa: E731

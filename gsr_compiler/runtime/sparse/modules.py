@@ -9,7 +9,9 @@ A branch ``linear(dropout(relu(x)))`` becomes
 
 with :class:`GroupTopKCompress`, :class:`CompressedDropout` and :class:`CompressedLinear`; the
 message-passing layers are in :mod:`.conv`. Dropout on the kept values is dropout on the dense
-tensor restricted to the positions that can be non-zero (the others are zero either way).
+tensor restricted to the positions that can be non-zero (the others are zero either way). Where
+the dropout alone reads the ReLU the compiler folds it into the top-k
+(``GroupTopKCompress(dropout=p)``, :mod:`.kept_dropout`), so the kernel draws it.
 
 The consumer modules *share* the parameters of the layer they replace (the same ``Parameter``
 objects, registered under the same names), so ``state_dict`` keys, optimizers and ``.to()`` see
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 
 from ..dropout import branch_dropout
 from .compressed import CompressedActivation, check_k_and_group
+from .kept_dropout import check_dropout_p
 from .linear import compressed_linear
 from .topk import group_topk_compress
 
@@ -48,26 +51,49 @@ class GroupTopKCompress(nn.Module):
     Args:
         k: values kept per node and group (``1 <= k <= group``).
         group: channel-group width ``g``.
+        dropout: probability of dropping a kept value, in training mode (the compiler folds a
+            dropout that only this top-k feeds into it: the kernel draws the mask as it writes
+            the values, :mod:`.kept_dropout`).
+        dropout_training: ``None`` follows ``train()``/``eval()``; a bool fixes whether the
+            dropout is active (a functional dropout written with a constant flag).
 
     Attributes:
         kernel_backend: ``"auto"``, ``"torch"`` or ``"triton"`` (set by the compiler from
             ``GSRConfig.backend``); see :func:`group_topk_compress`.
     """
 
-    def __init__(self, k: int, group: int) -> None:
+    def __init__(self, k: int, group: int, dropout: float = 0.0,
+                 dropout_training: Optional[bool] = None) -> None:
         super().__init__()
         check_k_and_group(k, group)
         self.k = int(k)
         self.group = int(group)
+        self.dropout = check_dropout_p(dropout, type(self).__name__)
+        self.dropout_training = dropout_training
         self.kernel_backend = "auto"
+
+    def active_dropout(self) -> float:
+        """The dropout probability this call applies: 0 unless dropout is active."""
+        # Modules pickled before dropout could be folded in have neither attribute.
+        p = getattr(self, "dropout", 0.0)
+        fixed = getattr(self, "dropout_training", None)
+        return p if (self.training if fixed is None else fixed) else 0.0
 
     def forward(self, x: Tensor) -> CompressedActivation:
         # Absent in modules pickled before the option existed: they ran the torch path.
         return group_topk_compress(x, self.k, self.group,
-                                   backend=getattr(self, "kernel_backend", "torch"))
+                                   backend=getattr(self, "kernel_backend", "torch"),
+                                   dropout_p=self.active_dropout())
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, group={self.group}"
+        return f"k={self.k}, group={self.group}{self._dropout_repr()}"
+
+    def _dropout_repr(self) -> str:
+        p = getattr(self, "dropout", 0.0)
+        if not p:
+            return ""
+        fixed = getattr(self, "dropout_training", None)
+        return f", dropout={p}" + ("" if fixed is None else f", dropout_training={fixed}")
 
 
 class CompressedDropout(nn.Module):

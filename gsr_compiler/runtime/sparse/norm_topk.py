@@ -13,7 +13,8 @@ The values, the kept set and the input gradient equal the two ops run whole bit 
 CPU (both are row-wise); the affine gradients sum over blocks, so they agree to rounding.
 
 On CUDA, ``backend="auto"`` runs the fused Triton kernel (``kernels.topk.group_topk`` with
-``layer_norm=True``) where it covers the group width and dtype.
+``layer_norm=True``) where it covers the group width and dtype: the whole fused block entry,
+LayerNorm, top-k and the dropout of the kept values (:mod:`.kept_dropout`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..kernels import check_backend, use_triton
 from ..kernels import group_topk as fused_group_topk
 from ..slicing import slices
 from .compressed import CompressedActivation, check_topk_input, index_dtype_for_group
+from .kept_dropout import check_dropout_p, drop_kept_values, kernel_dropout_args
 from .modules import GroupTopKCompress, share_state
 from .topk import _grouped, _kernel_covers, _select
 
@@ -89,7 +91,8 @@ class _LayerNormGroupTopK(torch.autograd.Function):
 
 def layer_norm_group_topk_compress(x: Tensor, k: int, group: int, weight: Optional[Tensor] = None,
                                    bias: Optional[Tensor] = None, eps: float = 1e-5,
-                                   backend: str = "auto") -> CompressedActivation:
+                                   backend: str = "auto", *,
+                                   dropout_p: float = 0.0) -> CompressedActivation:
     r"""``group_topk_compress(F.layer_norm(x, (D,), weight, bias, eps), k, group)`` without
     forming the normalized tensor.
 
@@ -100,6 +103,7 @@ def layer_norm_group_topk_compress(x: Tensor, k: int, group: int, weight: Option
             None).
         backend: ``"auto"`` (the fused Triton kernel on CUDA tensors it covers), ``"torch"`` or
             ``"triton"``.
+        dropout_p: dropout of the kept values, as :func:`group_topk_compress`.
 
     Raises:
         ValueError: as :func:`group_topk_compress`, or ``weight``/``bias`` not of shape ``[D]``,
@@ -107,16 +111,20 @@ def layer_norm_group_topk_compress(x: Tensor, k: int, group: int, weight: Option
     """
     check_topk_input(x, k, group, op="layer_norm_group_topk_compress")
     check_backend(backend)
+    dropout_p = check_dropout_p(dropout_p, "layer_norm_group_topk_compress")
     d = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (d,):
             raise ValueError(f"layer_norm_group_topk_compress: {name} must be [{d}] (the "
                              f"LayerNorm over the last dimension), got {tuple(t.shape)}")
-    if _kernel_covers(x, int(group)) and use_triton(backend, x):
+    in_kernel = _kernel_covers(x, int(group)) and use_triton(backend, x)
+    if in_kernel:
         values, indices = fused_group_topk(x, int(k), int(group), weight=weight, bias=bias,
-                                           eps=float(eps), layer_norm=True, backend="triton")
+                                           eps=float(eps), layer_norm=True, backend="triton",
+                                           **kernel_dropout_args(dropout_p))
     else:
         values, indices = _LayerNormGroupTopK.apply(x, weight, bias, float(eps), int(k), int(group))
+    values = drop_kept_values(values, dropout_p, in_kernel)
     return CompressedActivation(values=values, indices=indices, width=d, group=int(group))
 
 
@@ -128,8 +136,9 @@ class LayerNormGroupTopKCompress(GroupTopKCompress):
     objects, under the same names), so ``state_dict`` keys and optimizers do not change.
     """
 
-    def __init__(self, norm: nn.LayerNorm, k: int, group: int) -> None:
-        super().__init__(k, group)
+    def __init__(self, norm: nn.LayerNorm, k: int, group: int, dropout: float = 0.0,
+                 dropout_training: Optional[bool] = None) -> None:
+        super().__init__(k, group, dropout, dropout_training)
         if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
             raise ValueError("LayerNormGroupTopKCompress fuses an nn.LayerNorm over the last "
                              f"dimension only, got {norm!r}")
@@ -142,7 +151,9 @@ class LayerNormGroupTopKCompress(GroupTopKCompress):
             raise ValueError(f"LayerNormGroupTopKCompress expects [N, {self.normalized_shape[0]}] "
                              f"node features, got {tuple(x.shape)}")
         return layer_norm_group_topk_compress(x, self.k, self.group, self.weight, self.bias,
-                                              self.eps, backend=self.kernel_backend)
+                                              self.eps, backend=self.kernel_backend,
+                                              dropout_p=self.active_dropout())
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape[0]}, eps={self.eps}, k={self.k}, group={self.group}"
+        return (f"{self.normalized_shape[0]}, eps={self.eps}, k={self.k}, group={self.group}"
+                f"{self._dropout_repr()}")

@@ -23,7 +23,7 @@ first use; ``torch.topk`` spends most of its time per row on rows this short). I
 set as :func:`select_group_topk`, which runs where there is no C++ compiler or ``GSR_NATIVE=0``.
 
 :func:`group_topk_compress` runs as the Triton kernel
-:func:`gsr_compiler.runtime.kernels.group_topk` (without its LayerNorm and dropout) when
+:func:`gsr_compiler.runtime.kernels.group_topk` (without its LayerNorm) when
 ``backend`` resolves to Triton and the kernel covers the input: float32/float16/bfloat16 and ``g``
 a power of two up to 256. The kernel keeps the same set (lower position among equals, NaN first)
 and copies the same values, so both paths give equal results.
@@ -38,6 +38,7 @@ from ..kernels import group_topk as fused_group_topk
 from ..native import native_group_topk, native_topk_covers
 from .compressed import (CompressedActivation, check_k_and_group, check_topk_input,
                          index_dtype_for_group)
+from .kept_dropout import check_dropout_p, drop_kept_values, kernel_dropout_args
 
 __all__ = ["group_topk", "group_topk_compress", "GroupTopK", "select_group_topk"]
 
@@ -159,7 +160,8 @@ def _kernel_covers(x: Tensor, group: int) -> bool:
     return x.dtype in KERNEL_DTYPES and kernel_covers_group(group)
 
 
-def group_topk_compress(x: Tensor, k: int, group: int, backend: str = "auto") -> CompressedActivation:
+def group_topk_compress(x: Tensor, k: int, group: int, backend: str = "auto", *,
+                        dropout_p: float = 0.0) -> CompressedActivation:
     r"""Group-wise top-k of ``x`` (as :func:`group_topk`), returned in compressed form.
 
     Returns a :class:`CompressedActivation` with ``values[i, c, j] = x[i, c*g + indices[i, c, j]]``,
@@ -171,15 +173,24 @@ def group_topk_compress(x: Tensor, k: int, group: int, backend: str = "auto") ->
     ``"torch"`` or ``"triton"``; inputs the kernel does not cover (float64, ``g`` not a power
     of two or above 256) take the torch path under any backend.
 
+    ``dropout_p``: drop kept values with this probability, scaling the rest by ``1 / (1 - p)``
+    (training-mode dropout; pass 0 in eval mode). The kernel drops them as it writes them
+    (see :mod:`.kept_dropout`).
+
     Raises:
-        ValueError: as :func:`group_topk`, or an unknown ``backend``, before any computation.
+        ValueError: as :func:`group_topk`, an unknown ``backend`` or ``dropout_p`` outside
+            ``[0, 1]``, before any computation.
     """
     check_topk_input(x, k, group, op="group_topk_compress")
     check_backend(backend)
-    if _kernel_covers(x, int(group)) and use_triton(backend, x):
-        values, indices = fused_group_topk(x, int(k), int(group), backend="triton")
+    dropout_p = check_dropout_p(dropout_p, "group_topk_compress")
+    in_kernel = _kernel_covers(x, int(group)) and use_triton(backend, x)
+    if in_kernel:
+        values, indices = fused_group_topk(x, int(k), int(group), backend="triton",
+                                           **kernel_dropout_args(dropout_p))
     else:
         values, indices = _GroupTopKCompress.apply(x, int(k), int(group))
+    values = drop_kept_values(values, dropout_p, in_kernel)
     return CompressedActivation(values=values, indices=indices, width=x.shape[1], group=int(group))
 
 
