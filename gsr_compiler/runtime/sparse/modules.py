@@ -62,6 +62,10 @@ class GroupTopKCompress(nn.Module):
             ``GSRConfig.backend``); see :func:`group_topk_compress`.
     """
 
+    # Defaults for modules pickled before dropout could be folded in (no instance attributes).
+    dropout: float = 0.0
+    dropout_training: Optional[bool] = None
+
     def __init__(self, k: int, group: int, dropout: float = 0.0,
                  dropout_training: Optional[bool] = None) -> None:
         super().__init__()
@@ -74,10 +78,8 @@ class GroupTopKCompress(nn.Module):
 
     def active_dropout(self) -> float:
         """The dropout probability this call applies: 0 unless dropout is active."""
-        # Modules pickled before dropout could be folded in have neither attribute.
-        p = getattr(self, "dropout", 0.0)
-        fixed = getattr(self, "dropout_training", None)
-        return p if (self.training if fixed is None else fixed) else 0.0
+        fixed = self.dropout_training
+        return self.dropout if (self.training if fixed is None else fixed) else 0.0
 
     def forward(self, x: Tensor) -> CompressedActivation:
         # Absent in modules pickled before the option existed: they ran the torch path.
@@ -89,11 +91,10 @@ class GroupTopKCompress(nn.Module):
         return f"k={self.k}, group={self.group}{self._dropout_repr()}"
 
     def _dropout_repr(self) -> str:
-        p = getattr(self, "dropout", 0.0)
-        if not p:
+        if not self.dropout:
             return ""
-        fixed = getattr(self, "dropout_training", None)
-        return f", dropout={p}" + ("" if fixed is None else f", dropout_training={fixed}")
+        fixed = self.dropout_training
+        return f", dropout={self.dropout}" + ("" if fixed is None else f", dropout_training={fixed}")
 
 
 class CompressedDropout(nn.Module):
