@@ -8,7 +8,8 @@ Pipeline, for one file:
 2. cut flip-flops (circuitgraph black boxes): each Q pin becomes a
    *pseudo-input*, each D (and set/reset) pin a *pseudo-output*; the clock pin is
    dropped, and so is a primary input that only drove clock pins;
-3. check the result is a DAG of known gate types, every gate driven;
+3. check the result is a DAG of known gate types, every gate driven, with at
+   least one gate;
 4. order nodes topologically (by logic level, then gate type, then name), so
    every edge runs from a lower to a higher node index and the order does not
    depend on Python's hash seed.
@@ -111,7 +112,8 @@ def parse_netlist(
         FileNotFoundError: no such file.
         NetlistSyntaxError: the text does not parse (names file and line).
         CombinationalLoopError: a cycle without a flip-flop on it.
-        NetlistError: other structural problems (undriven nets, unknown types).
+        NetlistError: other structural problems (undriven nets, unknown types,
+            no gates at all).
     """
     path = Path(path)
     if text is None:
@@ -142,6 +144,9 @@ def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
+_ONE_INPUT_GATE = re.compile(r"\b(not|buf)\s+[^;()]*\(([^;()]*)\)\s*;")
+
+
 def _parse_verilog(path: Path, text: str, module: Optional[str]):
     from circuitgraph.parsing import VerilogParsingError, parse_verilog_netlist
     from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
@@ -168,7 +173,18 @@ def _parse_verilog(path: Path, text: str, module: Optional[str]):
         return parse_verilog_netlist(match.group(0), _flip_flops())
     except UnexpectedInput as e:
         line = e.line + offset if isinstance(e.line, int) and e.line > 0 else None
-        if isinstance(e, UnexpectedToken):
+        before = (getattr(e, "token_history", None) or [None])[-1]
+        if (
+            isinstance(e, UnexpectedToken)
+            and "SEMICOLON" in e.expected
+            and isinstance(getattr(before, "end_line", None), int)
+            and line is not None
+            and before.end_line + offset < line
+        ):
+            # A statement ran on into the next line: point at the line that lacks its ';'.
+            line = before.end_line + offset
+            what = "missing ';' at the end of the statement"
+        elif isinstance(e, UnexpectedToken):
             what = f"unexpected {e.token.type.lower()} '{e.token}'"
         elif isinstance(e, UnexpectedCharacters):
             what = f"unexpected character '{e.char}'"
@@ -182,6 +198,16 @@ def _parse_verilog(path: Path, text: str, module: Optional[str]):
         column = e.column if isinstance(e.column, int) else None
         raise NetlistSyntaxError(path, e.message, line, column) from e
     except (LarkError, ValueError, KeyError) as e:
+        if "cannot have more than one fanin" in str(e):
+            # circuitgraph names neither the gate nor the line; find them.
+            for m in _ONE_INPUT_GATE.finditer(match.group(0)):
+                if m.group(2).count(",") > 1:  # output, input, and more
+                    raise NetlistSyntaxError(
+                        path,
+                        f"{m.group(1)} takes one input, got {m.group(2).count(',')} "
+                        f"in `{' '.join(m.group(0).split())}`",
+                        _line_of(match.group(0), m.start()) + offset,
+                    ) from e
         raise NetlistSyntaxError(path, f"cannot read netlist: {e}") from e
 
 
@@ -224,6 +250,10 @@ def _parse_bench(path: Path, text: str):
         fanin = [a.strip() for a in args.split(",")]
         if not all(fanin) or any(re.search(r"\s", a) for a in fanin):
             raise NetlistSyntaxError(path, f"bad argument list in `{line}`", lineno)
+        if _BENCH_GATES.get(gate) in ("buf", "not") and len(fanin) != 1:
+            raise NetlistSyntaxError(
+                path, f"{m.group(2)} takes one input, got {len(fanin)} in `{line}`", lineno
+            )
         _define(path, driver_line, net, lineno)
         if gate == "dff":
             if len(fanin) != 1:
@@ -313,7 +343,7 @@ def _find_line(text: str, name: str) -> Optional[int]:
     fallback = None
     for lineno, line in enumerate(text.splitlines(), start=1):
         if pattern.search(line):
-            if not re.match(r"\s*(input|output|wire)\b", line):
+            if not re.match(r"\s*(module|input|output|wire)\b", line):
                 return lineno
             fallback = fallback or lineno
     return fallback
@@ -321,6 +351,12 @@ def _find_line(text: str, name: str) -> Optional[int]:
 
 def _check_graph(path: Path, text: str, graph: nx.DiGraph) -> None:
     name = graph.graph["name"]
+    if all(data["type"] in SOURCE_TYPES for _, data in graph.nodes(data=True)):
+        # Nothing to simulate or learn; later stages would fail on the empty arrays.
+        found = "only inputs or constants" if graph else "the file declares nothing"
+        raise NetlistError(
+            path, f"circuit '{name}' has no gates ({found}); is this the right file?"
+        )
     for n, data in graph.nodes(data=True):
         gate = data["type"]
         if gate not in GATE_TYPES:

@@ -92,6 +92,8 @@ def _read(text: str, cells: dict):
     name = header.group(1)
     ports = set(_names(header.group(2))) if header.group(2) is not None else set()
     body = text[header.end() : text.rstrip().rfind("endmodule")]
+    if body.strip() and not body.rstrip().endswith(";"):
+        raise _Unsupported("last statement without ';'")  # the full parser names the line
 
     inputs: list[str] = []
     outputs: list[str] = []

@@ -86,6 +86,56 @@ def test_bench_syntax_error_names_file_and_line(tmp_path, cache_dir):
     assert err.line == 4
 
 
+@pytest.mark.parametrize("gate", ["NOT", "BUF"])
+def test_bench_one_input_gate_with_two_inputs_names_file_and_line(tmp_path, cache_dir, gate):
+    path = tmp_path / "fanin.bench"
+    path.write_text(f"INPUT(a)\nINPUT(b)\nOUTPUT(y)\n\ny = {gate}(a, b)\n")
+    err = load_fails(path, cache_dir, NetlistError, match=f"{gate} takes one input, got 2")
+    assert err.line == 5 and f"{path}:5:" in str(err)
+
+
+@pytest.mark.parametrize(
+    "and_g1", ["and g1 (t, a, b);", "assign t = a & b;"], ids=["fast reader", "full parser"]
+)
+def test_verilog_not_with_two_inputs_names_file_and_line(tmp_path, cache_dir, and_g1):
+    path = tmp_path / "tiny.v"
+    text = GOOD_VERILOG.replace("not g2 (y, t);", "not g2 (y, t, a);")
+    path.write_text(text.replace("and g1 (t, a, b);", and_g1))
+    err = load_fails(path, cache_dir, NetlistError, match="not.*(2 inputs|one input, got 2)")
+    assert err.line == 9 and f"{path}:9:" in str(err)
+
+
+@pytest.mark.parametrize("end", ["not g2 (y, t)", "assign y = t"])
+def test_verilog_missing_semicolon_before_endmodule_names_the_line(tmp_path, cache_dir, end):
+    path = tmp_path / "tiny.v"
+    path.write_text(GOOD_VERILOG.replace("not g2 (y, t);", end))
+    err = load_fails(path, cache_dir, NetlistSyntaxError, match="missing ';'")
+    assert err.line == 9 and f"{path}:9:" in str(err) and end in str(err)
+
+
+def test_verilog_missing_semicolon_mid_module_names_the_line(tmp_path, cache_dir):
+    path = tmp_path / "tiny.v"
+    path.write_text(GOOD_VERILOG.replace("and g1 (t, a, b);", "and g1 (t, a, b)"))
+    err = load_fails(path, cache_dir, NetlistSyntaxError, match="missing ';'")
+    assert err.line == 8
+
+
+NO_GATES = {
+    "empty bench": ("empty.bench", "", "declares nothing"),
+    "comments only": ("notes.bench", "# nothing yet\n\n", "declares nothing"),
+    "inputs only": ("wires.bench", "INPUT(a)\nOUTPUT(a)\n", "only inputs"),
+    "verilog without gates": ("ports.v", "module ports (a);\ninput a;\nendmodule\n", "only inputs"),
+}
+
+
+@pytest.mark.parametrize("name, text, what", NO_GATES.values(), ids=NO_GATES.keys())
+def test_netlist_without_gates_is_an_error(tmp_path, cache_dir, name, text, what):
+    path = tmp_path / name
+    path.write_text(text)
+    err = load_fails(path, cache_dir, NetlistError, match=f"has no gates \\(.*{what}")
+    assert err.path == str(path) and str(path) in str(err)
+
+
 def test_undriven_net(tmp_path, cache_dir):
     path = write_bench(tmp_path / "undriven.bench", ["a"], ["y"], [("y", "and", ["a", "ghost"])])
     err = load_fails(path, cache_dir, NetlistError, match="'ghost' is used but never driven")

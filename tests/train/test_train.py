@@ -98,6 +98,16 @@ def test_bad_option_errors_and_writes_nothing(tmp_path, argv, message, capsys):
     assert not out.exists()
 
 
+def test_empty_netlist_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty.bench"
+    empty.write_text("")
+    out = tmp_path / "run"
+    assert run("--steps", "2", "--out", str(out), "--val", str(empty)) == 2
+    err = capsys.readouterr().err
+    assert f"error: {empty}: circuit 'empty' has no gates" in err
+    assert not out.exists()
+
+
 def test_cuda_unavailable_is_a_clear_error(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
