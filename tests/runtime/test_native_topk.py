@@ -1,9 +1,17 @@
 """The native CPU group top-k: the same set and values as the torch selection, and its build."""
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from gsr_compiler.runtime.native import build as native_build
+from gsr_compiler.runtime.native import topk as native_topk
 from gsr_compiler.runtime.native import (native_group_topk, native_topk_available,
                                          native_topk_covers, native_topk_status)
 from gsr_compiler.runtime.sparse import group_topk, group_topk_compress, select_group_topk
@@ -95,17 +103,96 @@ def _ops_agree_with_torch_path(x: torch.Tensor, k: int, g: int) -> None:
     assert torch.equal(dense.view(x.shape[0], -1, g).gather(-1, c.indices.long()), c.values)
 
 
+def _matches_manifest(library: Path) -> bool:
+    recorded = json.loads(library.with_suffix(".json").read_text())
+    data = library.read_bytes()
+    return (recorded["size"], recorded["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+
+
 @needs_native
 def test_build_is_cached_atomically_and_reused(fresh_build, rng):
     assert native_topk_available()
     built = sorted(fresh_build.iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary file left behind
-    assert str(built[0]) in native_topk_status()
+    # the library and its manifest, no temporary file left behind
+    assert [p.suffix for p in built] == [".json", ".so"] and built[0].stem == built[1].stem
+    assert _matches_manifest(built[1])
+    assert str(built[1]) in native_topk_status()
     mtime = built[0].stat().st_mtime_ns
     native_build._loaded.clear()  # a new process: finds the build, does not compile again
     assert native_topk_available()
     assert sorted(fresh_build.iterdir()) == built and built[0].stat().st_mtime_ns == mtime
     _ops_agree_with_torch_path(torch.randn(50, 32, generator=rng), 3, 16)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Loading a damaged library can kill the process (SIGBUS), so it is loaded in a child process.
+SELECT_IN_A_NEW_PROCESS = """
+import torch
+from gsr_compiler.runtime.native import native_topk_status
+from gsr_compiler.runtime.sparse import group_topk_compress, select_group_topk
+x = torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
+assert torch.equal(group_topk_compress(x, 3, 16).indices.long(),
+                   select_group_topk(x.view(40, 2, 16), 3))
+print(native_topk_status())
+"""
+
+
+def _select_in_a_new_process(cache: Path) -> subprocess.CompletedProcess:
+    # cwd: `python -c` imports gsr_compiler from this checkout first
+    env = {**os.environ, "GSR_CACHE_DIR": str(cache)}
+    return subprocess.run([sys.executable, "-c", SELECT_IN_A_NEW_PROCESS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _replace(library: Path, data: bytes) -> None:
+    # A new file, not a rewrite: the library this process has mapped must stay intact.
+    library.unlink()
+    library.write_bytes(data)
+
+
+@needs_native
+@pytest.mark.parametrize("manifest", ["kept", "absent"])  # absent: a cache from before manifests
+def test_truncated_cached_library_is_rebuilt_not_loaded(fresh_build, manifest):
+    assert native_topk_available()
+    [library] = fresh_build.glob("*.so")
+    whole = library.read_bytes()
+    _replace(library, whole[: len(whole) // 2])
+    if manifest == "absent":
+        library.with_suffix(".json").unlink()
+    done = _select_in_a_new_process(fresh_build.parent)
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
+    if manifest == "kept":
+        assert f"is {len(whole) // 2} bytes, {len(whole)} were built; rebuilding it" in done.stderr
+    assert "(rebuilt: the cached copy " in done.stdout
+    assert _matches_manifest(library)
+
+
+@needs_native
+def test_another_library_at_the_cached_path_is_rebuilt(fresh_build, tmp_path):
+    assert native_topk_available()
+    [library] = fresh_build.glob("*.so")
+    other = tmp_path / "other.cpp"
+    other.write_text('extern "C" int gsr_other() { return 1; }\n')
+    compiled = native_build._compile(native_build._compiler(), other, str(tmp_path / "other.so"))
+    assert compiled.returncode == 0, compiled.stderr
+    _replace(library, (tmp_path / "other.so").read_bytes())  # loads, lacks the selection
+    done = _select_in_a_new_process(fresh_build.parent)
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
+    assert "rebuilding it" in done.stderr and "rebuilt" in done.stdout
+    assert _matches_manifest(library)
+
+
+@needs_native
+def test_library_without_a_needed_function_falls_back_to_torch(fresh_build, monkeypatch, rng):
+    x = _tied_input(33, 2, 16, rng).view(33, 32)
+    expected = select_group_topk(x.view(33, 2, 16), 5)
+    monkeypatch.setitem(native_topk._SYMBOLS, torch.float32, "gsr_group_topk_f32_v0")
+    with pytest.warns(RuntimeWarning, match="does not export gsr_group_topk_f32_v0"):
+        assert not native_topk_available()
+    assert "does not export gsr_group_topk_f32_v0" in native_topk_status()
+    assert not native_topk_covers(x)
+    assert torch.equal(group_topk_compress(x, 5, 16).indices.long(), expected)
 
 
 @pytest.mark.parametrize("setting", ["GSR_NATIVE", "CXX"])

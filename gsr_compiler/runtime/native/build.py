@@ -9,6 +9,12 @@ never loads an old build. The compiler writes a temporary file in the same folde
 is then renamed over the target: a reader sees a whole library or none, also when several
 processes build at once.
 
+Once the library is in place, its size and sha256 go into ``<name>-<key>.json`` beside it
+(also written to a temporary file and renamed). Every load checks the library against that
+manifest first: mapping a truncated library kills the process with SIGBUS, so a library that
+does not match (or has no manifest) is rebuilt, never loaded. A library that loads but lacks a
+function its caller needs is not used (with a warning).
+
 Native code is an accelerator only: every caller has a torch path that gives the same results.
 When there is no compiler, the build fails, or ``GSR_NATIVE=0`` is set, :func:`load_library`
 returns ``None`` and :func:`library_status` says why.
@@ -17,12 +23,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -64,7 +72,46 @@ def _compile(cxx: str, source: Path, out: str) -> subprocess.CompletedProcess:
     return done
 
 
-def _build(name: str, source: Path) -> tuple[Optional[ctypes.CDLL], str]:
+def _digest(path: str | Path) -> dict:
+    data = Path(path).read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _manifest(target: Path) -> Path:
+    return target.with_suffix(".json")
+
+
+def _mismatch(target: Path) -> Optional[str]:
+    """Why ``target`` is not the library recorded in its manifest, or ``None`` if it is."""
+    try:
+        recorded = json.loads(_manifest(target).read_text())
+        recorded = {"size": int(recorded["size"]), "sha256": str(recorded["sha256"])}
+    except FileNotFoundError:
+        return "has no manifest"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"has an unreadable manifest ({err})"
+    actual = _digest(target)
+    if actual["size"] != recorded["size"]:
+        return f"is {actual['size']} bytes, {recorded['size']} were built"
+    if actual["sha256"] != recorded["sha256"]:
+        return "differs from the build (sha256)"
+    return None
+
+
+def _write_manifest(target: Path, digest: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".json", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"file": target.name, **digest}, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache folder may be shared
+        os.replace(tmp, _manifest(target))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build(name: str, source: Path,
+           symbols: tuple[str, ...]) -> tuple[Optional[ctypes.CDLL], str]:
     if os.environ.get("GSR_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
         return None, "disabled by GSR_NATIVE=0"
     cxx = _compiler()
@@ -79,7 +126,12 @@ def _build(name: str, source: Path) -> tuple[Optional[ctypes.CDLL], str]:
         ).hexdigest()[:16]
         folder = default_cache_dir() / "native"
         target = folder / f"{name}-{key}.so"
-        if not target.exists():
+        # Checked before loading: a truncated library cannot be loaded safely.
+        mismatch = _mismatch(target) if target.exists() else None
+        if mismatch and _manifest(target).exists():  # damaged, not merely from an older version
+            warnings.warn(f"cached native library {target} {mismatch}; rebuilding it",
+                          RuntimeWarning)
+        if mismatch or not target.exists():
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=folder)
             os.close(fd)
@@ -88,25 +140,36 @@ def _build(name: str, source: Path) -> tuple[Optional[ctypes.CDLL], str]:
                 if done.returncode != 0:
                     return None, f"{Path(cxx).name} failed on {source.name}: " \
                                  f"{done.stderr.strip()[-500:]}"
+                digest = _digest(tmp)
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        return ctypes.CDLL(str(target)), f"built with {Path(cxx).name}, cached at {target}"
+            _write_manifest(target, digest)  # only once the library is whole
+        library = ctypes.CDLL(str(target))
+        missing = [s for s in symbols if not hasattr(library, s)]
+        if missing:
+            reason = (f"{target} does not export {', '.join(missing)}; not used "
+                      "(delete it to rebuild)")
+            warnings.warn(f"native library {reason}", RuntimeWarning)
+            return None, reason
+        rebuilt = f" (rebuilt: the cached copy {mismatch})" if mismatch else ""
+        return library, f"built with {Path(cxx).name}, cached at {target}{rebuilt}"
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"could not build {source.name}: {err}"
 
 
-def load_library(name: str, source: Path) -> Optional[ctypes.CDLL]:
-    """The library built from ``source``, or ``None`` when native code is unavailable (the
-    reason is in :func:`library_status`). Built at most once per process."""
+def load_library(name: str, source: Path, symbols: tuple[str, ...] = ()) -> Optional[ctypes.CDLL]:
+    """The library built from ``source``, or ``None`` when native code is unavailable or
+    does not export every name in ``symbols`` (the reason is in :func:`library_status`).
+    Built at most once per process."""
     with _lock:
         if name not in _loaded:
-            _loaded[name] = _build(name, source)
+            _loaded[name] = _build(name, source, symbols)
         return _loaded[name][0]
 
 
-def library_status(name: str, source: Path) -> str:
+def library_status(name: str, source: Path, symbols: tuple[str, ...] = ()) -> str:
     """How the library ``name`` was loaded, or why it was not (building it if not tried yet)."""
-    load_library(name, source)
+    load_library(name, source, symbols)
     return _loaded[name][1]

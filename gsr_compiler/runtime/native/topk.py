@@ -24,15 +24,20 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ct
              ctypes.c_void_p, ctypes.c_int]
 
 
+def _library() -> ctypes.CDLL | None:
+    # Asks for every symbol: a library without one is not used at all (torch selects instead).
+    return load_library(_NAME, _SOURCE, tuple(_SYMBOLS.values()))
+
+
 def _function(dtype: torch.dtype) -> ctypes._CFuncPtr:
-    fn = getattr(load_library(_NAME, _SOURCE), _SYMBOLS[dtype])
+    fn = getattr(_library(), _SYMBOLS[dtype])
     fn.argtypes, fn.restype = _ARGTYPES, None
     return fn
 
 
 def native_topk_available() -> bool:
     """Whether the native selection could be built and loaded (built on the first call)."""
-    return load_library(_NAME, _SOURCE) is not None
+    return _library() is not None
 
 
 def native_topk_covers(x: Tensor) -> bool:
@@ -43,7 +48,7 @@ def native_topk_covers(x: Tensor) -> bool:
 
 def native_topk_status() -> str:
     """How the native selection was built and where it is cached, or why it is not used."""
-    return library_status(_NAME, _SOURCE)
+    return library_status(_NAME, _SOURCE, tuple(_SYMBOLS.values()))
 
 
 def native_group_topk(xg: Tensor, k: int) -> tuple[Tensor, Tensor]:
