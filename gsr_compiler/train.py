@@ -377,13 +377,28 @@ def _jsonable(value):
 # ----------------------------------------------------------------------------- files
 
 
+def _partial_affixes(path: str) -> tuple[str, str]:
+    """Prefix and suffix of the temporary file an atomic write of ``path`` goes through."""
+    return f".{os.path.basename(path)}.", os.path.splitext(path)[1]
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                               suffix=os.path.splitext(path)[1])
-    os.close(fd)
+    prefix, suffix = _partial_affixes(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     try:
+        try:
+            # mkstemp creates the file 0600; the result should follow the umask, as open() does
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

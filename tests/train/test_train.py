@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -124,3 +126,17 @@ def test_used_folder_needs_resume_or_overwrite_and_resume_checks_options(tmp_pat
     assert run("--steps", "4", "--out", str(out), "--resume", "--width", "16") == 2
     assert "width" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    out = tmp_path / "run"
+    old = os.umask(0o027)
+    try:
+        assert run("--steps", "1", "--out", str(out)) == 0
+        with open(tmp_path / "plain", "w"):  # what a normal open() makes under this umask
+            pass
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    for name in ("checkpoint.pt", "metrics.json", "scatter.png"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == expected, name
