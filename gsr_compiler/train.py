@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -409,6 +410,20 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
+def _remove_partials(folder: str, names: Sequence[str]) -> list[str]:
+    """Removes the temporary files that atomic writes of ``names`` left in ``folder`` when the
+    process was killed mid-way (only names of that pattern: mkstemp adds 8 of [a-z0-9_])."""
+    patterns = [re.compile(re.escape(prefix) + "[a-z0-9_]{8}" + re.escape(suffix))
+                for prefix, suffix in map(_partial_affixes, names)]
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if any(p.fullmatch(entry) for p in patterns) and os.path.isfile(path):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -547,6 +562,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if checkpoint["step"] > cfg.steps:
             raise ValueError(f"--resume {resume} is at step {checkpoint['step']}, beyond "
                              f"--steps {cfg.steps}")
+    os.makedirs(cfg.out, exist_ok=True)
+    for path in _remove_partials(cfg.out, (CHECKPOINT, METRICS, SCATTER)):
+        log(f"removed {path}, left by a write that was interrupted")
 
     target_name, _ = LABEL_TARGETS[cfg.label]
     log(f"task: {cfg.label} (regress {target_name}); model: {cfg.depth} x {cfg.conv}, width "
@@ -578,7 +596,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     log(f"{num_params:,} parameters; {cfg.steps - start} step(s) to go, batches of up to "
         f"{cfg.batch_nodes} nodes ({'whole circuits' if cfg.full_graphs else 'cone samples'})")
 
-    os.makedirs(cfg.out, exist_ok=True)
     checkpoint_path = os.path.join(cfg.out, CHECKPOINT)
     every_ckpt = cfg.checkpoint_every or cfg.eval_every or cfg.steps
 

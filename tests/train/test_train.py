@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import tempfile
 
 import pytest
 import torch
@@ -140,3 +141,23 @@ def test_outputs_follow_the_umask(tmp_path):
     expected = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     for name in ("checkpoint.pt", "metrics.json", "scatter.png"):
         assert stat.S_IMODE((out / name).stat().st_mode) == expected, name
+
+
+def test_partial_files_of_an_interrupted_write_are_removed_at_the_next_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    # what a write killed before its os.replace leaves: _atomic_write's mkstemp names
+    partials = []
+    for name in ("checkpoint.pt", "metrics.json", "scatter.png"):
+        fd, partial = tempfile.mkstemp(dir=out, prefix=f".{name}.",
+                                       suffix=os.path.splitext(name)[1])
+        os.close(fd)
+        partials.append(os.path.basename(partial))
+    others = [".checkpoint.pt.notes", "checkpoint.pt.bak", ".checkpoint.pt.abc.pt", ".data.pt"]
+    for name in others:
+        (out / name).write_text("not ours")
+    assert run("--steps", "1", "--out", str(out)) == 0
+    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "metrics.json", "scatter.png",
+                                               *others}
+    log = capsys.readouterr().out
+    assert all(partial in log for partial in partials)
