@@ -424,6 +424,23 @@ def _remove_partials(folder: str, names: Sequence[str]) -> list[str]:
     return removed
 
 
+def _check_writable(folder: str) -> None:
+    """Creates ``folder`` if missing and creates and removes a file in it, so that a folder
+    that cannot hold the outputs stops the run before training, not at its first checkpoint."""
+    doing = "creating it"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        doing = "creating a file in it"
+        # named like the checkpoint's temporary file: if killed here, the next start removes it
+        prefix, suffix = _partial_affixes(CHECKPOINT)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(f"--out {folder} cannot be written: {doing} failed ({e.strerror or e}); "
+                      "choose a folder you can create files in") from e
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -562,7 +579,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if checkpoint["step"] > cfg.steps:
             raise ValueError(f"--resume {resume} is at step {checkpoint['step']}, beyond "
                              f"--steps {cfg.steps}")
-    os.makedirs(cfg.out, exist_ok=True)
+    _check_writable(cfg.out)
     for path in _remove_partials(cfg.out, (CHECKPOINT, METRICS, SCATTER)):
         log(f"removed {path}, left by a write that was interrupted")
 

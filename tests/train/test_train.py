@@ -161,3 +161,37 @@ def test_partial_files_of_an_interrupted_write_are_removed_at_the_next_start(tmp
                                                *others}
     log = capsys.readouterr().out
     assert all(partial in log for partial in partials)
+
+
+def _unwritable_folder(tmp_path) -> str:
+    """An existing folder in which creating a file fails (root ignores a folder's mode, but
+    procfs refuses new files to everyone)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    for folder in (str(locked), "/proc/self"):
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder)
+        except OSError:
+            return folder
+        os.close(fd)
+        os.unlink(probe)
+    pytest.skip("no folder here refuses new files")
+
+
+@pytest.mark.parametrize("where", ["folder under a file", "unwritable folder"])
+def test_out_that_cannot_be_written_stops_before_loading_circuits(tmp_path, where, monkeypatch,
+                                                                   capsys):
+    if where == "folder under a file":
+        (tmp_path / "file").write_text("")
+        out = str(tmp_path / "file" / "run")
+    else:
+        out = _unwritable_folder(tmp_path)
+    import gsr_compiler.circuits
+
+    def load_circuit(*args, **kwargs):
+        raise AssertionError("circuits were loaded before --out was found unwritable")
+
+    monkeypatch.setattr(gsr_compiler.circuits, "load_circuit", load_circuit)
+    assert run("--steps", "2", "--out", out) == 2
+    assert f"--out {out} cannot be written" in capsys.readouterr().err
