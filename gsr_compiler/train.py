@@ -29,9 +29,11 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -441,6 +443,70 @@ def _check_writable(folder: str) -> None:
                       "choose a folder you can create files in") from e
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What a checkpoint holds: key -> (test, what it must be). Checked before resuming from one.
+_CHECKPOINT_ENTRIES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "version": (_is_int, "an integer"),
+    "config": (lambda v: isinstance(v, dict), "a dict of options"),
+    "step": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "model": (lambda v: isinstance(v, dict), "a model state_dict"),
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list), "an optimizer state_dict"),
+    "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("torch"), Tensor)
+            and v["torch"].dtype == torch.uint8, "a dict holding the torch random state"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+                "a list of dicts"),
+    "train_seconds": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                      "a number"),
+}
+
+
+def _unusable(path: str, what: str) -> ValueError:
+    return ValueError(f"--resume {path}: {what}; it is not a usable gsr train checkpoint. Resume "
+                      "from another checkpoint, or start over with --overwrite instead of --resume")
+
+
+def _load_checkpoint(path: str) -> dict:
+    """The checkpoint at ``path``, its structure checked; a ``ValueError`` that names the file
+    and what is wrong otherwise. Only tensors and plain values are loaded
+    (``weights_only=True``): loading a checkpoint must not run code."""
+    with open(path, "rb") as f:  # an unreadable file: OSError, which names it
+        empty = os.fstat(f.fileno()).st_size == 0
+        archive = zipfile.is_zipfile(f)
+    if empty:
+        raise _unusable(path, "the file is empty")
+    if not archive:  # torch.save writes a zip archive; a cut-off one lacks its directory
+        raise _unusable(path, "it is not a torch.save archive (the file is truncated, or is "
+                              "another kind of file)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, pickle.UnpicklingError) and reason.startswith("Weights only"):
+            raise _unusable(path, "it holds more than tensors and plain values (it is "
+                                  "corrupted, or was not written by gsr train), and nothing "
+                                  "else is loaded since that could run code") from e
+        raise _unusable(path, f"it cannot be read, it is corrupted ({reason})") from e
+    if not isinstance(checkpoint, dict):
+        raise _unusable(path, f"it holds a {type(checkpoint).__name__}, not a dict")
+    missing = [k for k in _CHECKPOINT_ENTRIES if k not in checkpoint]
+    if missing:
+        raise _unusable(path, f"it lacks {', '.join(map(repr, missing))}")
+    for key, (ok, what) in _CHECKPOINT_ENTRIES.items():
+        if not ok(checkpoint[key]):
+            value = checkpoint[key]
+            got = repr(value) if isinstance(value, (int, float, str)) else \
+                f"a {type(value).__name__}"
+            raise _unusable(path, f"its {key!r} is not {what} (it is {got})")
+    if checkpoint["version"] != CHECKPOINT_VERSION:
+        raise _unusable(path, f"it is of version {checkpoint['version']}; this gsr train reads "
+                              f"version {CHECKPOINT_VERSION}")
+    return checkpoint
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -567,9 +633,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     resume = _resume_path(cfg)
     checkpoint = None
     if resume is not None:
-        checkpoint = torch.load(resume, map_location="cpu", weights_only=False)
-        if checkpoint.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{resume}: not a gsr train checkpoint of version {CHECKPOINT_VERSION}")
+        checkpoint = _load_checkpoint(resume)
         saved = checkpoint["config"]
         differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
                   for k, v in cfg.run_defining().items() if saved.get(k) != v]
@@ -601,9 +665,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     history: list[dict] = []
     train_seconds = 0.0
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        _set_rng_state(checkpoint["rng"], device)
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            _set_rng_state(checkpoint["rng"], device)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise _unusable(resume, f"its saved state does not fit this model ({reason})") from e
         history = checkpoint["history"]
         train_seconds = checkpoint["train_seconds"]
         log(f"resumed {resume} at step {start}")

@@ -6,6 +6,7 @@ import os
 import stat
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,7 +50,7 @@ def test_writes_metrics_scatter_and_checkpoint(tmp_path, mode, capsys):
 
 
 def _state(out):
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     return ckpt["step"], ckpt["model"], ckpt["optimizer"]["state"]
 
 
@@ -195,3 +196,60 @@ def test_out_that_cannot_be_written_stops_before_loading_circuits(tmp_path, wher
     monkeypatch.setattr(gsr_compiler.circuits, "load_circuit", load_circuit)
     assert run("--steps", "2", "--out", out) == 2
     assert f"--out {out} cannot be written" in capsys.readouterr().err
+
+
+class _RunsCode:
+    def __reduce__(self):  # unpickling this calls print: what weights_only=True must refuse
+        return print, ("unpickling ran code",)
+
+
+def _without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+# a checkpoint that is not usable -> (its content from a good checkpoint, what the error says)
+UNUSABLE = {
+    "truncated": (lambda good, raw: raw[: len(raw) // 2], "truncated"),
+    "garbage": (lambda good, raw: np.random.default_rng(0).bytes(4096), "not a torch.save"),
+    "empty": (lambda good, raw: b"", "empty"),
+    "json": (lambda good, raw: b'{"step": 2}\n', "not a torch.save"),
+    "no config": (lambda good, raw: _without(good, "config"), "lacks 'config'"),
+    "a list": (lambda good, raw: [good], "holds a list"),
+    "code in it": (lambda good, raw: {**good, "extra": _RunsCode()}, "more than tensors"),
+    "step not a number": (lambda good, raw: {**good, "step": "2"}, "'step' is not an integer"),
+    "rng not a tensor": (lambda good, raw: {**good, "rng": {"torch": [1, 2]}}, "'rng'"),
+    "model without a parameter": (lambda good, raw: {**good, "model": _without(
+        good["model"], next(iter(good["model"])))}, "does not fit this model"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GSR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "train_cache"))
+        out = tmp_path_factory.mktemp("good")
+        assert run("--steps", "2", "--out", str(out)) == 0
+    return out / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("make, message", UNUSABLE.values(), ids=UNUSABLE.keys())
+def test_unusable_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, good_checkpoint,
+                                                                   make, message, capsys):
+    raw = good_checkpoint.read_bytes()
+    content = make(torch.load(good_checkpoint, weights_only=True), raw)
+    out = tmp_path / "run"
+    out.mkdir()
+    path = out / "checkpoint.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert run("--steps", "3", "--out", str(out), "--resume") == 2
+    captured = capsys.readouterr()
+    assert f"--resume {path}: " in captured.err and message in captured.err
+    assert "not a usable gsr train checkpoint" in captured.err
+    assert "unpickling ran code" not in captured.out
+    assert [p.name for p in out.iterdir()] == ["checkpoint.pt"]
+    assert path.read_bytes() == before
