@@ -29,8 +29,11 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import re
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -377,13 +380,28 @@ def _jsonable(value):
 # ----------------------------------------------------------------------------- files
 
 
+def _partial_affixes(path: str) -> tuple[str, str]:
+    """Prefix and suffix of the temporary file an atomic write of ``path`` goes through."""
+    return f".{os.path.basename(path)}.", os.path.splitext(path)[1]
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                               suffix=os.path.splitext(path)[1])
-    os.close(fd)
+    prefix, suffix = _partial_affixes(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
     try:
+        try:
+            # mkstemp creates the file 0600; the result should follow the umask, as open() does
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -392,6 +410,101 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _remove_partials(folder: str, names: Sequence[str]) -> list[str]:
+    """Removes the temporary files that atomic writes of ``names`` left in ``folder`` when the
+    process was killed mid-way (only names of that pattern: mkstemp adds 8 of [a-z0-9_])."""
+    patterns = [re.compile(re.escape(prefix) + "[a-z0-9_]{8}" + re.escape(suffix))
+                for prefix, suffix in map(_partial_affixes, names)]
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if any(p.fullmatch(entry) for p in patterns) and os.path.isfile(path):
+            os.unlink(path)
+            removed.append(path)
+    return removed
+
+
+def _check_writable(folder: str) -> None:
+    """Creates ``folder`` if missing and creates and removes a file in it, so that a folder
+    that cannot hold the outputs stops the run before training, not at its first checkpoint."""
+    doing = "creating it"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        doing = "creating a file in it"
+        # named like the checkpoint's temporary file: if killed here, the next start removes it
+        prefix, suffix = _partial_affixes(CHECKPOINT)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(f"--out {folder} cannot be written: {doing} failed ({e.strerror or e}); "
+                      "choose a folder you can create files in") from e
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What a checkpoint holds: key -> (test, what it must be). Checked before resuming from one.
+_CHECKPOINT_ENTRIES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "version": (_is_int, "an integer"),
+    "config": (lambda v: isinstance(v, dict), "a dict of options"),
+    "step": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "model": (lambda v: isinstance(v, dict), "a model state_dict"),
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list), "an optimizer state_dict"),
+    "rng": (lambda v: isinstance(v, dict) and isinstance(v.get("torch"), Tensor)
+            and v["torch"].dtype == torch.uint8, "a dict holding the torch random state"),
+    "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+                "a list of dicts"),
+    "train_seconds": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                      "a number"),
+}
+
+
+def _unusable(path: str, what: str) -> ValueError:
+    return ValueError(f"--resume {path}: {what}; it is not a usable gsr train checkpoint. Resume "
+                      "from another checkpoint, or start over with --overwrite instead of --resume")
+
+
+def _load_checkpoint(path: str) -> dict:
+    """The checkpoint at ``path``, its structure checked; a ``ValueError`` that names the file
+    and what is wrong otherwise. Only tensors and plain values are loaded
+    (``weights_only=True``): loading a checkpoint must not run code."""
+    with open(path, "rb") as f:  # an unreadable file: OSError, which names it
+        empty = os.fstat(f.fileno()).st_size == 0
+        archive = zipfile.is_zipfile(f)
+    if empty:
+        raise _unusable(path, "the file is empty")
+    if not archive:  # torch.save writes a zip archive; a cut-off one lacks its directory
+        raise _unusable(path, "it is not a torch.save archive (the file is truncated, or is "
+                              "another kind of file)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, pickle.UnpicklingError) and reason.startswith("Weights only"):
+            raise _unusable(path, "it holds more than tensors and plain values (it is "
+                                  "corrupted, or was not written by gsr train), and nothing "
+                                  "else is loaded since that could run code") from e
+        raise _unusable(path, f"it cannot be read, it is corrupted ({reason})") from e
+    if not isinstance(checkpoint, dict):
+        raise _unusable(path, f"it holds a {type(checkpoint).__name__}, not a dict")
+    missing = [k for k in _CHECKPOINT_ENTRIES if k not in checkpoint]
+    if missing:
+        raise _unusable(path, f"it lacks {', '.join(map(repr, missing))}")
+    for key, (ok, what) in _CHECKPOINT_ENTRIES.items():
+        if not ok(checkpoint[key]):
+            value = checkpoint[key]
+            got = repr(value) if isinstance(value, (int, float, str)) else \
+                f"a {type(value).__name__}"
+            raise _unusable(path, f"its {key!r} is not {what} (it is {got})")
+    if checkpoint["version"] != CHECKPOINT_VERSION:
+        raise _unusable(path, f"it is of version {checkpoint['version']}; this gsr train reads "
+                              f"version {CHECKPOINT_VERSION}")
+    return checkpoint
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -520,9 +633,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     resume = _resume_path(cfg)
     checkpoint = None
     if resume is not None:
-        checkpoint = torch.load(resume, map_location="cpu", weights_only=False)
-        if checkpoint.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{resume}: not a gsr train checkpoint of version {CHECKPOINT_VERSION}")
+        checkpoint = _load_checkpoint(resume)
         saved = checkpoint["config"]
         differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}"
                   for k, v in cfg.run_defining().items() if saved.get(k) != v]
@@ -532,6 +643,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if checkpoint["step"] > cfg.steps:
             raise ValueError(f"--resume {resume} is at step {checkpoint['step']}, beyond "
                              f"--steps {cfg.steps}")
+    _check_writable(cfg.out)
+    for path in _remove_partials(cfg.out, (CHECKPOINT, METRICS, SCATTER)):
+        log(f"removed {path}, left by a write that was interrupted")
 
     target_name, _ = LABEL_TARGETS[cfg.label]
     log(f"task: {cfg.label} (regress {target_name}); model: {cfg.depth} x {cfg.conv}, width "
@@ -551,9 +665,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     history: list[dict] = []
     train_seconds = 0.0
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        _set_rng_state(checkpoint["rng"], device)
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            _set_rng_state(checkpoint["rng"], device)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise _unusable(resume, f"its saved state does not fit this model ({reason})") from e
         history = checkpoint["history"]
         train_seconds = checkpoint["train_seconds"]
         log(f"resumed {resume} at step {start}")
@@ -563,7 +681,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     log(f"{num_params:,} parameters; {cfg.steps - start} step(s) to go, batches of up to "
         f"{cfg.batch_nodes} nodes ({'whole circuits' if cfg.full_graphs else 'cone samples'})")
 
-    os.makedirs(cfg.out, exist_ok=True)
     checkpoint_path = os.path.join(cfg.out, CHECKPOINT)
     every_ckpt = cfg.checkpoint_every or cfg.eval_every or cfg.steps
 

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,7 +50,7 @@ def test_writes_metrics_scatter_and_checkpoint(tmp_path, mode, capsys):
 
 
 def _state(out):
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     return ckpt["step"], ckpt["model"], ckpt["optimizer"]["state"]
 
 
@@ -134,3 +138,128 @@ def test_used_folder_needs_resume_or_overwrite_and_resume_checks_options(tmp_pat
     assert run("--steps", "4", "--out", str(out), "--resume", "--width", "16") == 2
     assert "width" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    out = tmp_path / "run"
+    old = os.umask(0o027)
+    try:
+        assert run("--steps", "1", "--out", str(out)) == 0
+        with open(tmp_path / "plain", "w"):  # what a normal open() makes under this umask
+            pass
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    for name in ("checkpoint.pt", "metrics.json", "scatter.png"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == expected, name
+
+
+def test_partial_files_of_an_interrupted_write_are_removed_at_the_next_start(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    # what a write killed before its os.replace leaves: _atomic_write's mkstemp names
+    partials = []
+    for name in ("checkpoint.pt", "metrics.json", "scatter.png"):
+        fd, partial = tempfile.mkstemp(dir=out, prefix=f".{name}.",
+                                       suffix=os.path.splitext(name)[1])
+        os.close(fd)
+        partials.append(os.path.basename(partial))
+    others = [".checkpoint.pt.notes", "checkpoint.pt.bak", ".checkpoint.pt.abc.pt", ".data.pt"]
+    for name in others:
+        (out / name).write_text("not ours")
+    assert run("--steps", "1", "--out", str(out)) == 0
+    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "metrics.json", "scatter.png",
+                                               *others}
+    log = capsys.readouterr().out
+    assert all(partial in log for partial in partials)
+
+
+def _unwritable_folder(tmp_path) -> str:
+    """An existing folder in which creating a file fails (root ignores a folder's mode, but
+    procfs refuses new files to everyone)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    for folder in (str(locked), "/proc/self"):
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder)
+        except OSError:
+            return folder
+        os.close(fd)
+        os.unlink(probe)
+    pytest.skip("no folder here refuses new files")
+
+
+@pytest.mark.parametrize("where", ["folder under a file", "unwritable folder"])
+def test_out_that_cannot_be_written_stops_before_loading_circuits(tmp_path, where, monkeypatch,
+                                                                   capsys):
+    if where == "folder under a file":
+        (tmp_path / "file").write_text("")
+        out = str(tmp_path / "file" / "run")
+    else:
+        out = _unwritable_folder(tmp_path)
+    import gsr_compiler.circuits
+
+    def load_circuit(*args, **kwargs):
+        raise AssertionError("circuits were loaded before --out was found unwritable")
+
+    monkeypatch.setattr(gsr_compiler.circuits, "load_circuit", load_circuit)
+    assert run("--steps", "2", "--out", out) == 2
+    assert f"--out {out} cannot be written" in capsys.readouterr().err
+
+
+class _RunsCode:
+    def __reduce__(self):  # unpickling this calls print: what weights_only=True must refuse
+        return print, ("unpickling ran code",)
+
+
+def _without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+# a checkpoint that is not usable -> (its content from a good checkpoint, what the error says)
+UNUSABLE = {
+    "truncated": (lambda good, raw: raw[: len(raw) // 2], "truncated"),
+    "garbage": (lambda good, raw: np.random.default_rng(0).bytes(4096), "not a torch.save"),
+    "empty": (lambda good, raw: b"", "empty"),
+    "json": (lambda good, raw: b'{"step": 2}\n', "not a torch.save"),
+    "no config": (lambda good, raw: _without(good, "config"), "lacks 'config'"),
+    "a list": (lambda good, raw: [good], "holds a list"),
+    "code in it": (lambda good, raw: {**good, "extra": _RunsCode()}, "more than tensors"),
+    "step not a number": (lambda good, raw: {**good, "step": "2"}, "'step' is not an integer"),
+    "rng not a tensor": (lambda good, raw: {**good, "rng": {"torch": [1, 2]}}, "'rng'"),
+    "model without a parameter": (lambda good, raw: {**good, "model": _without(
+        good["model"], next(iter(good["model"])))}, "does not fit this model"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GSR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "train_cache"))
+        out = tmp_path_factory.mktemp("good")
+        assert run("--steps", "2", "--out", str(out)) == 0
+    return out / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("make, message", UNUSABLE.values(), ids=UNUSABLE.keys())
+def test_unusable_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, good_checkpoint,
+                                                                   make, message, capsys):
+    raw = good_checkpoint.read_bytes()
+    content = make(torch.load(good_checkpoint, weights_only=True), raw)
+    out = tmp_path / "run"
+    out.mkdir()
+    path = out / "checkpoint.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert run("--steps", "3", "--out", str(out), "--resume") == 2
+    captured = capsys.readouterr()
+    assert f"--resume {path}: " in captured.err and message in captured.err
+    assert "not a usable gsr train checkpoint" in captured.err
+    assert "unpickling ran code" not in captured.out
+    assert [p.name for p in out.iterdir()] == ["checkpoint.pt"]
+    assert path.read_bytes() == before
