@@ -118,3 +118,89 @@ def test_data_object_argument_rejected():
     x, edge_index, _, _ = graph_inputs()
     with pytest.raises(GSRCompileError, match="data.x"):
         gsr_compile(TakesData())(Data(x=x, edge_index=edge_index))
+
+
+# -- inputs the model cannot run on: the error names the layer and the cause -------------
+
+def _deep_model():
+    torch.manual_seed(0)
+    return ResidualGNN(5, 8, 3, depth=4)
+
+
+def _compile_error(model, *inputs) -> GSRCompileError:
+    """The error of compiling ``model`` on ``inputs``, checked to leave everything untouched."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gsr = gsr_compile(model)
+    with pytest.raises(GSRCompileError) as info:
+        gsr(*inputs)
+    assert not gsr.is_compiled
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert "tlparse" not in str(info.value) and "ShapeProp" not in str(info.value)
+    return info.value
+
+
+def test_wrong_input_width_names_the_layer_its_error_and_in_features():
+    x, edge_index, _, _ = graph_inputs(in_channels=7, dtype=torch.float32)
+    error = _compile_error(_deep_model(), x, edge_index)
+    first = str(error).splitlines()[0]
+    assert "ResidualGNN fails on these inputs even without gsr_compile" in first
+    assert "'encoder' (Linear)" in first
+    assert "mat1 and mat2 shapes cannot be multiplied (12x7 and 5x8)" in first
+    assert "in_features=5" in str(error) and "7 features" in str(error)
+    # the layer's own error, one step down, for those who want its traceback
+    assert isinstance(error.__cause__, RuntimeError) and "12x7 and 5x8" in str(error.__cause__)
+
+
+def test_failing_block_named_by_its_module_path():
+    from torch_geometric.nn import SAGEConv
+
+    model = _deep_model()
+    model.blocks[3].conv = SAGEConv(6, 8)  # built for the wrong width
+    x, edge_index, _, _ = graph_inputs(dtype=torch.float32)
+    error = _compile_error(model, x, edge_index)
+    first = str(error).splitlines()[0]
+    assert "'blocks.3.conv' (SAGEConv)" in first
+    assert "(12x8 and 6x8)" in first
+    assert "in_channels=6" in str(error)
+
+
+def test_out_of_range_edge_index_hint_gives_the_bad_index_and_node_count():
+    x, edge_index, _, _ = graph_inputs(dtype=torch.float32)
+    edge_index = edge_index.clone()
+    edge_index[0, 3] = 12  # one past the last of 12 nodes
+    error = _compile_error(_deep_model(), x, edge_index)
+    first = str(error).splitlines()[0]
+    assert "'blocks.0.conv' (SAGEConv)" in first and "larger than 11 (got 12)" in first
+    assert "values in [0, N); it holds 12, but the layer gets N = 12 nodes" in str(error)
+
+
+@pytest.mark.parametrize("dtype, fix", [(torch.float64, "model.double()"),
+                                        (torch.int64, "floating point")])
+def test_dtype_mismatch_hint(dtype, fix):
+    x, edge_index, _, _ = graph_inputs(dtype=torch.float64)
+    error = _compile_error(_deep_model(), (10 * x).to(dtype), edge_index)
+    first = str(error).splitlines()[0]
+    assert "'encoder' (Linear)" in first and "same dtype" in first
+    assert fix in str(error)
+
+
+def test_failure_under_gsr_compile_alone_is_not_blamed_on_the_model(monkeypatch):
+    from torch.fx.passes.infra.pass_base import PassResult
+    from gsr_compiler.passes.remove_no_ops import RemoveNoOps
+
+    def misroute(self, gm):  # a compiler bug: the encoder's call goes to the decoder
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node.target == "encoder":
+                node.target = "decoder"
+        gm.recompile()
+        return PassResult(gm, True)
+
+    monkeypatch.setattr(RemoveNoOps, "call", misroute)
+    x, edge_index, _, _ = graph_inputs(dtype=torch.float32)
+    model = _deep_model()
+    model(x, edge_index)  # runs as written
+    error = _compile_error(model, x, edge_index)
+    first = str(error).splitlines()[0]
+    assert "gsr_compile could not run ResidualGNN, which runs on these inputs without it" in first
+    assert "'decoder' (Linear)" in first and "fails on these inputs" not in first
+
