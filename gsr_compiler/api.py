@@ -11,6 +11,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from .config import GSRConfig
 from .errors import GSRCompileError, LayerFailedError
+from .input_errors import check_edge_index, check_inputs
 from .passes.branch_dropout import BranchDropoutPass
 from .passes.recompute_rowwise_head import RecomputeRowwiseHead
 from .passes.find_residual_chains import FindResidualChains
@@ -108,6 +109,7 @@ class GSRModule(nn.Module):
         start = time.perf_counter()
         mode = key[0]
         source = self._source_model
+        check_inputs(source, list(inspect.signature(source.forward).parameters), values)
         backend = _choose_backend(self.config.backend, values, source)
         was_training = source.training
         source.train(mode)
@@ -115,6 +117,7 @@ class GSRModule(nn.Module):
             gm = trace(source, concrete)
         finally:
             source.train(was_training)
+        check_edge_index(gm, values)  # after tracing: only an edge_index a PyG layer reads as is
         gm.train(mode)
         config = self.config
         finder = FindResidualChains(config.groups, config.min_chain_blocks)

@@ -164,6 +164,28 @@ def test_failing_block_named_by_its_module_path():
     assert "in_channels=6" in str(error)
 
 
+def test_transposed_edge_index_rejected_before_running(monkeypatch):
+    import gsr_compiler.api
+
+    def not_run(*args, **kwargs):
+        raise AssertionError("the graph ran")
+
+    x, edge_index, _, _ = graph_inputs(dtype=torch.float32)
+    model = _deep_model()
+    monkeypatch.setattr(gsr_compiler.api, "PropagateShapes", not_run)
+    error = _compile_error(model, x, edge_index.t())
+    first = str(error).splitlines()[0]
+    assert "'edge_index' has shape [40, 2]" in first and "[2, E]" in first
+    assert "edge_index.t()" in first
+
+
+def test_float_edge_index_rejected_before_running():
+    x, edge_index, _, _ = graph_inputs(dtype=torch.float32)
+    error = _compile_error(_deep_model(), x, edge_index.float())
+    first = str(error).splitlines()[0]
+    assert "'edge_index' is float32" in first and "edge_index.long()" in first
+
+
 def test_out_of_range_edge_index_hint_gives_the_bad_index_and_node_count():
     x, edge_index, _, _ = graph_inputs(dtype=torch.float32)
     edge_index = edge_index.clone()
@@ -182,6 +204,15 @@ def test_dtype_mismatch_hint(dtype, fix):
     first = str(error).splitlines()[0]
     assert "'encoder' (Linear)" in first and "same dtype" in first
     assert fix in str(error)
+
+
+def test_meta_tensors_rejected_before_running():
+    x, edge_index, _, _ = graph_inputs(dtype=torch.float32)
+    error = _compile_error(_deep_model(), x.to("meta"), edge_index)
+    assert str(error).startswith("argument 'x' is on the meta device")
+    model = _deep_model().to("meta")
+    with pytest.raises(GSRCompileError, match=r"ResidualGNN has parameters .* meta device \(enc"):
+        gsr_compile(model)(x, edge_index)
 
 
 def test_failure_under_gsr_compile_alone_is_not_blamed_on_the_model(monkeypatch):
@@ -204,3 +235,52 @@ def test_failure_under_gsr_compile_alone_is_not_blamed_on_the_model(monkeypatch)
     assert "gsr_compile could not run ResidualGNN, which runs on these inputs without it" in first
     assert "'decoder' (Linear)" in first and "fails on these inputs" not in first
 
+
+class TransposesEdgeIndex(nn.Module):
+    """Takes its edges as [E, 2] and converts them itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _deep_model()
+
+    def forward(self, x, edge_index):
+        return self.inner(x, edge_index.t())
+
+
+class VirtualNode(nn.Module):
+    """Appends a learned node to the features: edge_index may point one past x."""
+
+    def __init__(self):
+        super().__init__()
+        self.virtual = nn.Parameter(torch.zeros(1, 5))
+        self.inner = _deep_model()
+
+    def forward(self, x, edge_index):
+        return self.inner(torch.cat([x, self.virtual]), edge_index)
+
+
+def _sparse_adjacency(edge_index, n):
+    from torch_geometric.utils import to_torch_csr_tensor
+
+    return to_torch_csr_tensor(edge_index, size=(n, n)).t()
+
+
+@pytest.mark.parametrize("case", ["int32", "sparse", "own_layout", "virtual_node"])
+def test_valid_edge_index_forms_are_not_rejected(case):
+    x, edge_index, _, _ = graph_inputs(dtype=torch.float32)
+    model, edges = _deep_model(), edge_index
+    if case == "int32":
+        edges = edge_index.int()
+    elif case == "sparse":
+        edges = _sparse_adjacency(edge_index, x.size(0))
+    elif case == "own_layout":
+        model, edges = TransposesEdgeIndex(), edge_index.t()
+    else:
+        edges = edge_index.clone()
+        edges[0, 0] = x.size(0)  # the virtual node
+        model = VirtualNode()
+    model.eval()
+    expected = model(x, edges)
+    gsr = gsr_compile(model).eval()
+    assert gsr(x, edges).shape == expected.shape
+    assert gsr.is_compiled
