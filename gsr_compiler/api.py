@@ -1,6 +1,7 @@
 """``gsr_compile``: the entry point, and the module it returns."""
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Iterator
 
@@ -9,7 +10,8 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from .config import GSRConfig
-from .errors import GSRCompileError
+from .errors import GSRCompileError, LayerFailedError
+from .input_errors import check_edge_index, check_inputs
 from .passes.branch_dropout import BranchDropoutPass
 from .passes.recompute_rowwise_head import RecomputeRowwiseHead
 from .passes.find_residual_chains import FindResidualChains
@@ -18,7 +20,7 @@ from .passes.group_sparse_activation import GroupSparseActivation
 from .passes.activation_liveness import ActivationLiveness, attribute_or_none
 from .passes.narrow_width import supported_module_names
 from .passes.plan_activation_memory import PlanActivationMemory
-from .passes.propagate_shapes import PropagateShapes
+from .passes.propagate_shapes import PropagateShapes, state_preserved
 from .passes.remove_no_ops import RemoveNoOps
 from .passes.reversible_rewrite import ReversibleRewrite
 from .passes.select_kernel_backend import SelectKernelBackend, describe_routed
@@ -94,7 +96,10 @@ class GSRModule(nn.Module):
         key = (self.training, _specialization(concrete))
         gm = self._graphs.get(key)
         if gm is None:
-            gm = self._compile(key, concrete, bound)
+            try:
+                gm = self._compile(key, concrete, bound)
+            except LayerFailedError as e:
+                raise _whose_failure(source, e, args, kwargs, self.training) from e.__cause__
         if gm.training != self.training:
             gm.train(self.training)
         self.__dict__["_last_key"] = key
@@ -104,6 +109,7 @@ class GSRModule(nn.Module):
         start = time.perf_counter()
         mode = key[0]
         source = self._source_model
+        check_inputs(source, list(inspect.signature(source.forward).parameters), values)
         backend = _choose_backend(self.config.backend, values, source)
         was_training = source.training
         source.train(mode)
@@ -111,6 +117,7 @@ class GSRModule(nn.Module):
             gm = trace(source, concrete)
         finally:
             source.train(was_training)
+        check_edge_index(gm, values)  # after tracing: only an edge_index a PyG layer reads as is
         gm.train(mode)
         config = self.config
         finder = FindResidualChains(config.groups, config.min_chain_blocks)
@@ -344,14 +351,38 @@ def _run_passes(passes: list, gm: fx.GraphModule) -> None:
         PassManager(passes=passes, run_checks_after_each_pass=True)(gm)
     except Exception as e:
         cause = e.__cause__ or e
-        if isinstance(cause, GSRCompileError):
-            raise cause from None
+        if isinstance(cause, GSRCompileError):  # drop PassManager's wrapper, keep its own cause
+            raise cause from cause.__cause__
         raise GSRCompileError(f"{e}: {type(cause).__name__}: {cause}") from cause
 
 
-def _bind(model: nn.Module, args: tuple, kwargs: dict) -> list:
-    import inspect
+def _whose_failure(model: nn.Module, error: LayerFailedError, args: tuple, kwargs: dict,
+                   mode: bool) -> GSRCompileError:
+    """``error`` led by whether the model itself fails on these inputs, found by running it
+    once as written (state restored), so that its own bugs are not blamed on gsr_compile."""
+    name = type(model).__name__
+    was_training = model.training
+    model.train(mode)
+    eager = None
+    try:
+        with state_preserved(model, list(_tensors([args, kwargs]))):
+            model(*args, **kwargs)
+    except Exception as e:
+        eager = e
+    finally:
+        model.train(was_training)
+    if eager is None:
+        return GSRCompileError(
+            f"gsr_compile could not run {name}, which runs on these inputs without it: {error}"
+            "\n  this is a bug in gsr_compile; please report it with the model and input shapes")
+    cause = error.__cause__
+    same = type(eager) is type(cause) and str(eager) == str(cause)
+    return GSRCompileError(
+        f"{name} fails on these inputs even without gsr_compile: {error}"
+        + ("" if same else f"\n  run as written it raises {type(eager).__name__}: {eager}"))
 
+
+def _bind(model: nn.Module, args: tuple, kwargs: dict) -> list:
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     bound.apply_defaults()
     return list(bound.arguments.values())
