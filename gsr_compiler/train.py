@@ -427,15 +427,21 @@ def _remove_partials(folder: str, names: Sequence[str]) -> list[str]:
 
 
 def _check_writable(folder: str) -> None:
-    """Creates ``folder`` if missing and creates and removes a file in it, so that a folder
-    that cannot hold the outputs stops the run before training, not at its first checkpoint."""
-    doing = "creating it"
+    """Creates and removes a file in ``folder`` (or, when it does not exist yet, in the nearest
+    folder above it, where it will be created), so that a folder that cannot hold the outputs
+    stops the run before training, not at its first checkpoint. Leaves nothing behind: a bad
+    circuit found later must not leave an empty output folder."""
+    where = os.path.abspath(folder)
+    while not os.path.exists(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    doing = "creating a file in it" if where == os.path.abspath(folder) else \
+        f"creating it (a file in {where})"
     try:
-        os.makedirs(folder, exist_ok=True)
-        doing = "creating a file in it"
+        if not os.path.isdir(where):
+            raise NotADirectoryError(20, f"{where} is not a folder")
         # named like the checkpoint's temporary file: if killed here, the next start removes it
         prefix, suffix = _partial_affixes(CHECKPOINT)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+        fd, probe = tempfile.mkstemp(dir=where, prefix=prefix, suffix=suffix)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
@@ -644,8 +650,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
             raise ValueError(f"--resume {resume} is at step {checkpoint['step']}, beyond "
                              f"--steps {cfg.steps}")
     _check_writable(cfg.out)
-    for path in _remove_partials(cfg.out, (CHECKPOINT, METRICS, SCATTER)):
-        log(f"removed {path}, left by a write that was interrupted")
+    if os.path.isdir(cfg.out):
+        for path in _remove_partials(cfg.out, (CHECKPOINT, METRICS, SCATTER)):
+            log(f"removed {path}, left by a write that was interrupted")
 
     target_name, _ = LABEL_TARGETS[cfg.label]
     log(f"task: {cfg.label} (regress {target_name}); model: {cfg.depth} x {cfg.conv}, width "
@@ -658,6 +665,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     log("loading test circuits")
     test_data = _load_circuits(cfg.test, cfg, log, loaded)
 
+    os.makedirs(cfg.out, exist_ok=True)  # the circuits loaded: the run will write here
     schedule = _BatchSchedule(train_data, cfg)
     start = checkpoint["step"] if checkpoint else 0
     model = _build_model(cfg, train_data[0].x.shape[1], schedule(start).to(device), device)
