@@ -13,6 +13,7 @@ from .config import GSRConfig
 from .errors import GSRCompileError, LayerFailedError
 from .input_errors import check_edge_index, check_inputs
 from .passes.branch_dropout import BranchDropoutPass
+from .passes.check_chain_precision import CheckChainPrecision
 from .passes.recompute_rowwise_head import RecomputeRowwiseHead
 from .passes.find_residual_chains import FindResidualChains
 from .passes.functional_dropout_to_module import FunctionalDropoutToModule
@@ -22,13 +23,16 @@ from .passes.narrow_width import supported_module_names
 from .passes.plan_activation_memory import PlanActivationMemory
 from .passes.propagate_shapes import PropagateShapes, state_preserved
 from .passes.remove_no_ops import RemoveNoOps
+from .passes.replay_discrete_choices import ReplayDiscreteChoices
 from .passes.reversible_rewrite import ReversibleRewrite
 from .passes.select_kernel_backend import SelectKernelBackend, describe_routed
-from .report import ChainReport, CompileReport, KernelBackendReport, MemoryPlanReport
+from .report import (ChainReport, CompileReport, KernelBackendReport, MemoryPlanReport,
+                     PrecisionReport)
 from .runtime.arena import ArenaPlan
 from .runtime.arena.coupling_arena import CouplingArena
 from .runtime.kernels import BackendChoice, choose_backend
 from .runtime.native import native_topk_available, native_topk_status
+from .runtime.reversible import ReversibleChain
 from .runtime.sparse import GroupTopK, GroupTopKCompress
 from .tracer import split_call_arguments, trace
 
@@ -126,11 +130,14 @@ class GSRModule(nn.Module):
             RemoveNoOps(),
             PropagateShapes([v for v in values]),
             finder,
-            ReversibleRewrite(finder, config.groups, self._registry),
+            ReversibleRewrite(finder, config.groups, self._registry, config.guard_options()),
         ]
         if config.sparse_k is not None:
             passes.append(GroupSparseActivation(config.sparse_k, config.sparse_group))
         passes.append(BranchDropoutPass())
+        if config.replay_margin is not None:
+            passes.append(ReplayDiscreteChoices())
+        passes.append(CheckChainPrecision())
         if config.recompute_head:
             passes.append(RecomputeRowwiseHead(self._registry))
         kernels = SelectKernelBackend(backend)
@@ -145,6 +152,8 @@ class GSRModule(nn.Module):
                 + f"\nsupported modules: {', '.join(supported_module_names())}"
             )
         report.memory = _memory_report(planner, config.plan_memory)
+        report.precision = PrecisionReport(config.replay_margin, config.anchors,
+                                           config.drift_tolerance, config.verify)
         report.backend = KernelBackendReport(backend.requested, backend.name, backend.reason,
                                              describe_routed(kernels.routed), _cpu_topk(gm))
         gm = self._adopt(gm)
@@ -262,7 +271,46 @@ class GSRModule(nn.Module):
         if not self._graphs:
             return (f"gsr_compile({type(self._source_model).__name__}): not compiled yet; it traces "
                     "on the first call, or pass example_inputs= to gsr_compile.")
-        return str(self.report)
+        report = self.report
+        if report.precision is not None and report.chains:
+            report.precision.last_step = self.precision_report()
+        return str(report)
+
+    def verify_gradients(self, inputs, loss_fn=None, *, kwargs: dict | None = None,
+                         tolerance: float | None = None):
+        """Runs one step of the compiled model and of its store-everything reference (the same
+        architecture keeping every activation, same weights and random numbers) and compares
+        every gradient: a :class:`~gsr_compiler.reference.GradientCheck` (print it for a
+        table). Changes nothing: no ``.grad``, no BatchNorm statistics, no random state.
+
+        Args:
+            inputs: the model's positional arguments (a tuple, or one tensor).
+            loss_fn: model output -> scalar loss; default a fixed random weighting of it.
+            kwargs: keyword arguments of the model's forward.
+            tolerance: relative error ``GradientCheck.ok`` allows (default
+                ``GSRConfig.drift_tolerance``).
+        """
+        from .reference import verify_gradients
+
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        gm, values = self._graph_for(args, kwargs or {})
+        tol = self.config.drift_tolerance if tolerance is None else tolerance
+        return verify_gradients(gm, values, loss_fn, tol)
+
+    def precision_report(self) -> str:
+        """What each reversible chain's last backward kept for exactness and measured: replayed
+        choices, anchors, bytes, the reconstruction error at anchors and at the chain input."""
+        self.graph_module  # raises when not compiled
+        lines = []
+        for gm in self._graphs.values():
+            for m in gm.modules():
+                if isinstance(m, ReversibleChain):
+                    name = getattr(m, "gsr_name", "chain")
+                    if any(line.startswith(f"{name}:") for line in lines):
+                        continue
+                    p = m.last_precision
+                    lines.append(f"{name}: " + ("no backward yet" if p is None else p.summary()))
+        return "\n".join(lines) or "no reversible chain"
 
     def save_graph(self, path: str) -> str:
         """Writes a picture of the rewritten graph (SVG/PNG); returns the path written."""

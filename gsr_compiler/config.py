@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import GSRCompileError
+from .runtime.drift import check_anchors
 from .runtime.kernels import BACKENDS
 
 
@@ -50,6 +51,26 @@ class GSRConfig:
             coupling and the top-k give the same results as torch; the aggregation and the fused
             LayerNorm + top-k agree to float tolerance (they sum in another order).
             ``explain()`` says what runs.
+        replay_margin: the backward recompute of a reversible block runs on a rebuilt input
+            that differs from the forward's by rounding; a discrete choice within that distance
+            of its boundary (a ReLU's sign, a top-k's kept set) could flip and make the
+            gradients wrong. The forward records every choice whose relative margin is below
+            ``replay_margin`` and the recompute repeats it (docs/exactness.md); the recompute
+            also counts unrecorded choices that came within half of it, and warns. ``None``
+            turns recording and checking off.
+        anchors: where the forward keeps a block's exact input for the backward to resume
+            from, so that reconstruction error cannot compound past one segment: ``"auto"``
+            (default) where the state has grown 16x since the last anchor (branches without a
+            norm), an int every that many blocks, ``None`` never. Each anchor keeps one
+            ``[N, D]`` state. ``explain()`` and ``precision_report()`` list them.
+        drift_tolerance: warn (``GSRPrecisionWarning``, once per chain) when a backward
+            measures a relative reconstruction error above this at an anchor or at the chain
+            input.
+        verify: every backward of a reversible chain also runs it storing everything and
+            measures each gradient's relative error against that (``precision_report()``;
+            warns above ``drift_tolerance``). It costs the plain model's memory and time: turn
+            it on to check a model, not to train it. For a one-off check of the whole model
+            use ``gsr_model.verify_gradients(...)``.
     """
 
     groups: int = 2
@@ -60,6 +81,10 @@ class GSRConfig:
     plan_memory: bool = True
     recompute_head: bool = True
     backend: str = "auto"
+    replay_margin: float | None = 1e-4
+    anchors: str | int | None = "auto"
+    drift_tolerance: float = 1e-3
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
@@ -68,7 +93,7 @@ class GSRConfig:
                 f"{', '.join(repr(b) for b in BACKENDS)} ('auto': Triton kernels on CUDA tensors, "
                 "torch otherwise; 'torch': always torch; 'triton': always the kernels)."
             )
-        for name in ("plan_memory", "recompute_head"):
+        for name in ("plan_memory", "recompute_head", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise GSRCompileError(f"{name}={getattr(self, name)!r}: must be True or False.")
         if not isinstance(self.groups, int) or isinstance(self.groups, bool) or self.groups < 2:
@@ -89,6 +114,20 @@ class GSRConfig:
                     + (" to leave activations dense." if name == "sparse_k"
                        else " for the width of one reversible group.")
                 )
+        margin = self.replay_margin
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not 0 <= margin < 1 or margin != margin):
+            raise GSRCompileError(
+                f"replay_margin={margin!r}: must be a number in [0, 1) (a relative margin, "
+                "default 1e-4), or None to record no discrete choices.")
+        try:
+            check_anchors(self.anchors)
+        except ValueError as e:
+            raise GSRCompileError(str(e)) from None
+        tol = self.drift_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+            raise GSRCompileError(f"drift_tolerance={tol!r}: must be a positive number "
+                                  "(a relative error, default 1e-3).")
         if self.sparse_group is not None and self.sparse_k is None:
             raise GSRCompileError(
                 f"sparse_group={self.sparse_group} is set but sparse_k is None, so nothing would "
@@ -99,6 +138,11 @@ class GSRConfig:
                 f"sparse_k={self.sparse_k} must be in 1..sparse_group={self.sparse_group} "
                 "(it is the number of values kept out of each group of sparse_group channels)."
             )
+
+    def guard_options(self) -> dict:
+        """The reversible chains' constructor arguments for replay, anchors and drift."""
+        return {"replay_margin": self.replay_margin, "anchors": self.anchors,
+                "drift_tolerance": self.drift_tolerance, "verify": self.verify}
 
     @classmethod
     def from_options(cls, config: "GSRConfig | None" = None, **options) -> "GSRConfig":

@@ -96,6 +96,37 @@ class KernelBackendReport:
 
 
 @dataclass
+class PrecisionReport:
+    """How the chains keep their backward exact (``GSRConfig`` replay_margin, anchors,
+    drift_tolerance, verify) and, after a backward, what it kept and measured."""
+
+    replay_margin: float | None
+    anchors: str | int | None
+    drift_tolerance: float
+    verify: bool
+    last_step: str | None = None
+
+    def lines(self) -> list[str]:
+        replay = ("off" if self.replay_margin is None else
+                  f"ReLU signs and top-k selections within {self.replay_margin:g} (relative) of "
+                  "flipping are recorded in the forward and repeated in the backward")
+        anchors = {None: "none", "auto": "where the state grows (auto)"}.get(
+            self.anchors, f"every {self.anchors} blocks")
+        out = ["exactness of the reversible backward:",
+               f"  replay: {replay}",
+               f"  anchors (exact block inputs kept): {anchors}; warn above a relative "
+               f"reconstruction error of {self.drift_tolerance:g}"
+               + ("; verify: on (every backward is checked against storing everything)"
+                  if self.verify else "")]
+        if self.last_step:
+            out.append("  last backward:")
+            out += [f"    {line}" for line in self.last_step.splitlines()]
+        else:
+            out.append("  last backward: none yet (precision_report() after a step)")
+        return out
+
+
+@dataclass
 class CompileReport:
     """The passes run, the chains converted, what was left alone and why."""
 
@@ -109,6 +140,7 @@ class CompileReport:
     compile_seconds: float = 0.0
     memory: MemoryPlanReport | None = None
     backend: KernelBackendReport | None = None
+    precision: PrecisionReport | None = None
 
     @property
     def converted(self) -> bool:
@@ -159,4 +191,6 @@ class CompileReport:
             lines += self.backend.lines()
         if self.memory is not None:
             lines += self.memory.lines()
+        if self.precision is not None and self.chains:
+            lines += self.precision.lines()
         return "\n".join(lines)

@@ -47,10 +47,13 @@ class ReversibleRewrite(PassBase):
     parameters instead of making new ones.
     """
 
-    def __init__(self, finder, groups: int, registry: dict) -> None:
+    def __init__(self, finder, groups: int, registry: dict,
+                 guard: dict | None = None) -> None:
         super().__init__()
         self.finder = finder
         self.groups = groups
+        # ReversibleChain's replay_margin, anchors and drift_tolerance.
+        self.guard = dict(guard or {})
         self.registry = registry
         self.chain_names: list[str] = []
         self.notes: list[str] = []
@@ -81,7 +84,7 @@ class ReversibleRewrite(PassBase):
         if module is None:
             blocks = [[extract_branch(gm, b, self.groups) for _ in range(self.groups)]
                       for b in chain.blocks]
-            module = ReversibleChain(blocks, side_index)
+            module = ReversibleChain(blocks, side_index, **self.guard)
             module.train(gm.training)
             self.registry[key] = module
             module.gsr_name = f"gsr_chain_{len(self.registry) - 1}"

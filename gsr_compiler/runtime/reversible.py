@@ -30,12 +30,19 @@ bit as well.
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .first_order import first_order_only
+from ..errors import GSRPrecisionWarning
 from .arena.coupling_arena import CouplingScratch
+from .choices import ChoiceTape
+from .drift import (AnchorPolicy, AnchorSetting, ChainPrecision, auto_anchor_growth,
+                    check_anchors, probe_rows, relative_error)
 from .gradient_slots import GradientSlots
 from .kernels import coupling_add_, coupling_sub_, use_triton
 from .replay import draw_seed, frozen_running_stats, seeded
@@ -49,8 +56,23 @@ class ReversibleChain(nn.Module):
             ``f(h, *side_inputs_of_block_i)``.
         side_index: ``side_index[i]`` lists, for block ``i``, the positions of its side
             inputs (``edge_index``, ``edge_attr``, ``batch``, ...) among the chain's.
+        replay_margin: relative margin under which the forward records a discrete choice
+            (ReLU sign, top-k selection) for the backward recompute to repeat
+            (:mod:`~gsr_compiler.runtime.choices`); None: nothing is recorded or checked.
+        anchors: where the forward keeps exact block inputs for the backward to resume from
+            (:class:`~gsr_compiler.runtime.drift.AnchorPolicy`): ``"auto"``, an int, or None.
+        drift_tolerance: a backward that measures a larger relative reconstruction error, or
+            any unsafe choice, warns (:class:`~gsr_compiler.errors.GSRPrecisionWarning`) once.
+        verify: every backward also runs the chain storing everything
+            (:meth:`forward_storing_everything`, from a kept copy of the input) and records each
+            parameter's relative gradient error in ``last_precision.gradient_errors``; warns
+            above ``drift_tolerance``. Costs the memory and time of the plain model: a check,
+            not a way to train.
 
     Attributes:
+        last_precision: what the last backward kept and measured
+            (:class:`~gsr_compiler.runtime.drift.ChainPrecision`), None before one ran or
+            with ``replay_margin`` and ``anchors`` both None.
         kernel_backend: ``"auto"``, ``"torch"`` or ``"triton"``: who runs the coupling update
             and inverse (see :func:`~gsr_compiler.runtime.kernels.use_triton`).
     """
@@ -59,6 +81,10 @@ class ReversibleChain(nn.Module):
         self,
         blocks: Sequence[Sequence[nn.Module]],
         side_index: Sequence[Sequence[int]],
+        replay_margin: Optional[float] = None,
+        anchors: AnchorSetting = None,
+        drift_tolerance: float = 1e-3,
+        verify: bool = False,
     ) -> None:
         super().__init__()
         if len(blocks) == 0:
@@ -71,6 +97,18 @@ class ReversibleChain(nn.Module):
         self.blocks = nn.ModuleList(nn.ModuleList(b) for b in blocks)
         self.side_index = [tuple(int(i) for i in s) for s in side_index]
         self.groups = groups.pop()
+        if replay_margin is not None:
+            ChoiceTape(replay_margin)  # checks it
+        self.replay_margin = None if replay_margin is None else float(replay_margin)
+        self.anchors = check_anchors(anchors)
+        if not (isinstance(drift_tolerance, (int, float)) and drift_tolerance > 0):
+            raise ValueError(f"drift_tolerance must be a positive number, got {drift_tolerance!r}")
+        self.drift_tolerance = float(drift_tolerance)
+        if not isinstance(verify, bool):
+            raise ValueError(f"verify must be True or False, got {verify!r}")
+        self.verify = verify
+        self.last_precision: Optional[ChainPrecision] = None
+        self._warned: set[str] = set()
         # The arena of the compiled model (GSRConfig.plan_memory), or None: fresh tensors.
         self.coupling_arena = None
         self.kernel_backend = "auto"
@@ -80,7 +118,18 @@ class ReversibleChain(nn.Module):
         return len(self.blocks)
 
     def extra_repr(self) -> str:
-        return f"depth={self.depth}, groups={self.groups}"
+        guard = getattr(self, "replay_margin", None), getattr(self, "anchors", None)
+        text = f"depth={self.depth}, groups={self.groups}"
+        if guard != (None, None):
+            text += f", replay_margin={guard[0]}, anchors={guard[1]!r}"
+        return text
+
+    @property
+    def guarded(self) -> bool:
+        """Whether calls record choices, keep anchors and measure drift."""
+        # Absent in modules pickled before the guard existed: they ran without it.
+        return (getattr(self, "replay_margin", None) is not None
+                or getattr(self, "anchors", None) is not None or getattr(self, "verify", False))
 
     def forward(self, x: Tensor, *side_inputs: object) -> Tensor:
         if x.shape[-1] % self.groups:
@@ -98,6 +147,29 @@ class ReversibleChain(nn.Module):
             with self._scratch("forward", x) as scratch:
                 return self._run_forward(x, side_inputs, seeds, scratch)
         return _ReversibleChainFunction.apply(self, len(side_inputs), x, *side_inputs, *params)
+
+    def forward_storing_everything(self, x: Tensor, *side_inputs: object,
+                                   seeds: Optional[list] = None) -> Tensor:
+        """The same function as :meth:`forward`, run with ordinary autograd: every activation
+        is kept and nothing is rebuilt, so its gradients are the reference the reversible
+        backward must reproduce. ``seeds``: the per-branch seeds a forward drew (None: draw
+        them as :meth:`forward` does, from the global generator)."""
+        if seeds is None:
+            seeds = self._draw_seeds()
+        G, devices = self.groups, [x.device]
+        for i, block in enumerate(self.blocks):
+            extra = self._block_inputs(i, side_inputs)
+            xs = list(x.chunk(G, dim=-1))
+            prev = xs[1]
+            for t in xs[2:]:
+                prev = prev + t
+            ys = []
+            for j, f in enumerate(block):
+                with seeded(seeds[i][j], devices):
+                    prev = xs[j] + f(prev, *extra)
+                ys.append(prev)
+            x = torch.cat(ys, dim=-1)
+        return x
 
     @torch.no_grad()
     def inverse(self, y: Tensor, *side_inputs: object, seeds=None) -> Tensor:
@@ -158,8 +230,51 @@ class ReversibleChain(nn.Module):
                            like.device) as scratch:
             yield scratch
 
+    def _warn_about(self, precision: ChainPrecision) -> None:
+        """Warns, once per chain and kind, when the backward measured too much drift."""
+        name = getattr(self, "gsr_name", "reversible chain")
+        warned = self.__dict__.setdefault("_warned", set())
+        replay = precision.replay
+        if replay is not None and replay.unsafe and "unsafe" not in warned:
+            warned.add("unsafe")
+            warnings.warn(
+                f"{name}: the backward recompute found {replay.unsafe} discrete choice(s) "
+                f"(ReLU signs, top-k selections) the forward did not record, within half the "
+                f"replay margin ({self.replay_margin:g}) of flipping: the rebuilt inputs drifted "
+                "that far, and the gradients may be inexact. Raise GSRConfig.replay_margin, "
+                "add anchors (GSRConfig.anchors=<every n blocks>), or check with "
+                "verify_gradients().", GSRPrecisionWarning, stacklevel=2)
+        grads = precision.gradient_errors
+        if grads and max(grads.values()) > self.drift_tolerance and "verify" not in warned:
+            warned.add("verify")
+            worst_name = max(grads, key=grads.get)
+            warnings.warn(
+                f"{name}: verify: the reversible backward's gradient of {worst_name} is off by "
+                f"{grads[worst_name]:.2e} (relative) from the chain run storing everything, above "
+                f"drift_tolerance={self.drift_tolerance:g}. See last_precision.gradient_errors.",
+                GSRPrecisionWarning, stacklevel=2)
+        worst = precision.worst_error
+        if worst > self.drift_tolerance and "drift" not in warned:
+            warned.add("drift")
+            block = max(precision.errors, key=precision.errors.get)
+            warnings.warn(
+                f"{name}: the backward rebuilt the input of block {block} with a relative error "
+                f"of {worst:.2e}, above drift_tolerance={self.drift_tolerance:g} (anchors: "
+                f"{len(precision.anchors)}). Keep exact states more often "
+                "(GSRConfig.anchors=<every n blocks>), normalize the branches (activations "
+                "that grow block after block are what the rebuild loses), train in float32 or "
+                "wider, or check with verify_gradients().", GSRPrecisionWarning, stacklevel=2)
+
+    def _new_tape(self) -> Optional[ChoiceTape]:
+        margin = getattr(self, "replay_margin", None)  # absent in modules pickled before it
+        return None if margin is None else ChoiceTape(margin)
+
     def _run_forward(self, x: Tensor, side_inputs: Sequence[object], seeds,
-                     scratch: Optional[CouplingScratch] = None) -> Tensor:
+                     scratch: Optional[CouplingScratch] = None,
+                     tape: Optional[ChoiceTape] = None,
+                     kept: Optional[dict[int, list[Tensor]]] = None) -> Tensor:
+        """The chain output. With ``kept`` (a dict), the exact inputs of the blocks the anchor
+        policy picks are cloned into it."""
         devices = [x.device]
         kernels = self._use_kernels(x)
         # Blocks pass their G groups along as a list: no concatenation between blocks. With
@@ -167,12 +282,19 @@ class ReversibleChain(nn.Module):
         xs = list(x.chunk(self.groups, dim=-1))
         state = _groups_shaped(scratch.state, xs[0]) if scratch is not None else None
         y0 = _group_shaped(scratch.y0, xs[0]) if scratch is not None else None
+        policy = None
+        if kept is not None:
+            growth = auto_anchor_growth(x.dtype, getattr(self, "replay_margin", None),
+                                        getattr(self, "drift_tolerance", 1e-3))
+            policy = AnchorPolicy(getattr(self, "anchors", None), xs, growth)
         for i, block in enumerate(self.blocks):
+            if policy is not None and policy.wants(i, xs):
+                kept[i] = [t.clone() for t in xs]
             extra = self._block_inputs(i, side_inputs)
             prev = _sum(xs[1:], into=y0, kernels=kernels)
             ys = []
             for j, f in enumerate(block):
-                with seeded(seeds[i][j], devices):
+                with seeded(seeds[i][j], devices), _site(tape, i, j, replay=False):
                     out = f(prev, *extra)
                 prev = _add(xs[j], out, into=None if state is None else state[j], kernels=kernels)
                 ys.append(prev)
@@ -180,6 +302,11 @@ class ReversibleChain(nn.Module):
         # A fresh tensor: the output is saved for backward and handed on; it must outlive
         # this call's scratch.
         return torch.cat(xs, dim=-1)
+
+
+def _site(tape: Optional[ChoiceTape], block: int, group: int, replay: bool):
+    """Where a branch call records (forward) or replays (backward) its discrete choices."""
+    return contextlib.nullcontext() if tape is None else tape.site(block, group, replay)
 
 
 def _group_shaped(view: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
@@ -246,24 +373,51 @@ class _ReversibleChainFunction(torch.autograd.Function):
     def forward(ctx, chain: ReversibleChain, n_side: int, x: Tensor, *rest):
         side_inputs = rest[:n_side]
         seeds = chain._draw_seeds()
+        tape = chain._new_tape()
+        kept: Optional[dict[int, list[Tensor]]] = {} if chain.guarded else None
+        probe = None
+        if kept is not None:  # a few rows of the input, to measure the drift at the end
+            probe_at = probe_rows(x)
+            probe = x.detach().reshape(-1, x.shape[-1]).index_select(0, probe_at)
         with torch.no_grad(), chain._scratch("forward", x) as scratch:
-            y = chain._run_forward(x, side_inputs, seeds, scratch)
+            y = chain._run_forward(x, side_inputs, seeds, scratch, tape, kept)
         ctx.chain = chain
         ctx.params = rest[n_side:]
         ctx.seeds = seeds
         ctx.n_side = n_side
+        ctx.tape = tape
         ctx.side_is_tensor = [isinstance(s, Tensor) for s in side_inputs]
         ctx.side_constants = [None if isinstance(s, Tensor) else s for s in side_inputs]
-        ctx.save_for_backward(y, *[s for s in side_inputs if isinstance(s, Tensor)])
+        side_tensors = [s for s in side_inputs if isinstance(s, Tensor)]
+        ctx.n_side_tensors = len(side_tensors)
+        ctx.anchor_blocks = sorted(kept) if kept else []
+        guard = [] if kept is None else [probe_at, probe]
+        guard += [t for i in ctx.anchor_blocks for t in kept[i]]
+        ctx.verify = bool(getattr(chain, "verify", False))
+        if ctx.verify:
+            guard.append(x.detach())
+        ctx.n_guard = len(guard)
+        # Records, anchors and probes go through save_for_backward, so memory accounting sees them.
+        ctx.save_for_backward(y, *side_tensors, *guard, *([] if tape is None else tape.tensors()))
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("a reversible chain")
     def backward(ctx, grad_y: Tensor):
         chain: ReversibleChain = ctx.chain
         saved = ctx.saved_tensors
         y = saved[0].detach()
-        tensors = iter(saved[1:])
+        tape: Optional[ChoiceTape] = ctx.tape
+        first_guard = 1 + ctx.n_side_tensors
+        guard = list(saved[first_guard:first_guard + ctx.n_guard])
+        if tape is not None:
+            tape.load(list(saved[first_guard + ctx.n_guard:]))
+        anchors = {}
+        if guard:
+            G = chain.groups
+            for n, i in enumerate(ctx.anchor_blocks):
+                anchors[i] = guard[2 + n * G:2 + (n + 1) * G]
+        tensors = iter(saved[1:1 + ctx.n_side_tensors])
         side_inputs = [next(tensors) if is_t else c
                        for is_t, c in zip(ctx.side_is_tensor, ctx.side_constants)]
         # Side tensors that need grad are differentiated through every block.
@@ -276,22 +430,42 @@ class _ReversibleChainFunction(torch.autograd.Function):
         slots = GradientSlots([p for p in params if p.requires_grad]
                               + [s for s in side_leaves if isinstance(s, Tensor)
                                  and s.requires_grad])
+        precision = None
+        if guard:
+            precision = ChainPrecision(
+                replay=None if tape is None else tape.stats, anchors=list(ctx.anchor_blocks),
+                anchor_bytes=sum(t.numel() * t.element_size() for ts in anchors.values()
+                                 for t in ts))
         with chain._scratch("backward", y) as scratch:
-            grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, slots, scratch)
+            grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, slots, scratch,
+                                     anchors, precision, guard[:2])
+        if precision is not None and ctx.verify:
+            precision.gradient_errors = _verify(ctx, chain, guard[-1], grad_y, side_inputs,
+                                                grad_x, slots, params)
+        if precision is not None:
+            chain.last_precision = precision
+            chain._warn_about(precision)
         side_grads = [slots.get(s) if isinstance(s, Tensor) else None for s in side_leaves]
         return (None, None, grad_x, *side_grads, *[slots.get(p) for p in params])
 
 
 def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side_leaves: list,
-                    grads_out: GradientSlots, scratch: Optional[CouplingScratch]) -> Tensor:
+                    grads_out: GradientSlots, scratch: Optional[CouplingScratch],
+                    anchors: dict[int, list[Tensor]], precision: Optional[ChainPrecision],
+                    probe: list[Tensor]) -> Tensor:
     """Walks the blocks last to first; accumulates the gradients of the side inputs and
     parameters in ``grads_out``; returns the gradient of the chain input. With ``scratch``,
     the rebuilt inputs go to ``scratch.state`` and the group gradients to ``scratch.grad``,
-    updated in place."""
+    updated in place. A block in ``anchors`` resumes from its exact input; the error of each
+    rebuilt anchor, and of the rebuilt chain input on the ``probe`` rows (``[rows, values]``),
+    goes to ``precision``."""
     G = chain.groups
     devices = [y.device]
     kernels = chain._use_kernels(y)
-    ys = list(y.chunk(G, dim=-1))
+    # Contiguous groups with or without the arena (which copies them into its scratch below):
+    # a layer may reduce a strided input in another order, and plan_memory must not change a
+    # single bit of the result.
+    ys = [t.contiguous() for t in y.chunk(G, dim=-1)] if scratch is None else list(y.chunk(G, dim=-1))
     gys = list(grad_y.chunk(G, dim=-1))
     state = grad = y0 = None
     if scratch is not None:
@@ -313,12 +487,14 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
             extra_grad = [(k, s) for k, s in zip(chain.side_index[i], extra)
                           if isinstance(s, Tensor) and s.requires_grad]
             xs: list[Tensor | None] = [None] * G
+            group_errors: list[tuple[float, float]] = []
             for j in range(G - 1, -1, -1):
                 f = block[j]
                 f_params = [p for p in f.parameters() if p.requires_grad]
                 inp = (ys[j - 1] if j > 0 else _sum(xs[1:], into=y0, kernels=kernels)
                        ).detach().requires_grad_()
-                with torch.enable_grad(), seeded(ctx.seeds[i][j], devices):
+                with torch.enable_grad(), seeded(ctx.seeds[i][j], devices), \
+                        _site(ctx.tape, i, j, replay=True):
                     out = f(inp, *extra)
                 wrt = [inp] + [s for _, s in extra_grad] + f_params
                 grads = list(torch.autograd.grad(out, wrt, gys[j], allow_unused=True))
@@ -332,6 +508,10 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
                 # would bump the version of `inp`, which the branch saved.
                 xs[j] = _sub(ys[j], out.detach(), into=None if state is None else state[j],
                              kernels=kernels)
+                if i in anchors:  # measure the drift, then resume from the exact input
+                    exact = anchors[i][j]
+                    group_errors.append(_squared_norms(xs[j], exact))
+                    xs[j] = exact if state is None else state[j].copy_(exact)
                 g_inp = grads[0]
                 if g_inp is not None:
                     if j > 0:
@@ -350,6 +530,45 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
                         grads_out.accumulate(p, g)
                 # g_inp too: else it pins an [N, D/G] gradient through the next recompute.
                 del out, grads, g_inp
+            if group_errors and precision is not None:
+                precision.errors[i] = _joint_error(group_errors)
             ys = xs  # this block's input is the previous block's output
+    if probe and precision is not None:
+        rows, exact = probe
+        rebuilt = torch.cat([t.reshape(-1, t.shape[-1]).index_select(0, rows) for t in ys], -1)
+        precision.errors[0] = relative_error(rebuilt, exact)
     # A fresh tensor, like the forward's output.
     return torch.cat(gys, dim=-1)
+
+
+def _verify(ctx, chain: ReversibleChain, x: Tensor, grad_y: Tensor, side_inputs: list,
+            grad_x: Tensor, slots: GradientSlots, params) -> dict[str, float]:
+    """Relative error of each gradient the reversible backward produced (the chain input's as
+    ``"input"``, each parameter's by name) against the chain run storing everything."""
+    leaf = x.detach().requires_grad_()
+    wanted = [p for p in params if p.requires_grad]
+    with torch.enable_grad(), frozen_running_stats(chain):
+        out = chain.forward_storing_everything(leaf, *side_inputs, seeds=ctx.seeds)
+        reference = torch.autograd.grad(out, [leaf, *wanted], grad_y, allow_unused=True)
+    names = {id(p): n for n, p in chain.named_parameters()}
+    errors = {"input": relative_error(grad_x, reference[0])}
+    for p, ref in zip(wanted, reference[1:]):
+        mine = slots.get(p)
+        if ref is None or mine is None:
+            errors[names.get(id(p), "?")] = 0.0 if ref is None and mine is None else math.inf
+        else:
+            errors[names.get(id(p), "?")] = relative_error(mine, ref)
+    return errors
+
+
+def _squared_norms(rebuilt: Tensor, exact: Tensor) -> tuple[float, float]:
+    """``(|rebuilt - exact|^2, |exact|^2)``, in float64."""
+    diff = float(torch.linalg.vector_norm(rebuilt.double() - exact.double())) ** 2
+    return diff, float(torch.linalg.vector_norm(exact.double())) ** 2
+
+
+def _joint_error(parts: list[tuple[float, float]]) -> float:
+    """``rms(difference) / rms(exact)`` over all groups of a block input."""
+    diff = math.sqrt(sum(d for d, _ in parts))
+    scale = math.sqrt(sum(e for _, e in parts))
+    return diff / scale if scale else (0.0 if diff == 0.0 else math.inf)

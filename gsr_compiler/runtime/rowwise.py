@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .first_order import first_order_only
 from .slicing import slices
 
 __all__ = ["RowwiseRecompute", "RowwiseStep"]
@@ -135,7 +136,7 @@ class _RowwiseRecomputeFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("the recomputed row-wise head")
     def backward(ctx, grad_out: Tensor):
         (x,) = ctx.saved_tensors
         needs_x = ctx.needs_input_grad[1]

@@ -76,7 +76,10 @@ def test_sweep_command_writes_json_and_plot(tmp_path):
     rows = json.loads((out / "depth_sweep.json").read_text())
     assert [r["depth"] for r in rows] == [2, 4]
     assert rows[1]["eager_saved_bytes"] > rows[0]["eager_saved_bytes"]
-    assert rows[1]["gsr_saved_bytes"] == rows[0]["gsr_saved_bytes"]
+    # flat but for the few discrete choices recorded for the backward (docs/exactness.md)
+    gsr_growth = rows[1]["gsr_saved_bytes"] - rows[0]["gsr_saved_bytes"]
+    eager_growth = rows[1]["eager_saved_bytes"] - rows[0]["eager_saved_bytes"]
+    assert 0 <= gsr_growth < 0.01 * eager_growth
     assert (out / "depth_sweep.png").stat().st_size > 1000
 
 

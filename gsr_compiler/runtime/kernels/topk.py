@@ -32,8 +32,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..choices import SelectionReplay
 from ._dispatch import HAS_TRITON, LazyKernel, next_power_of_2, tl, use_triton
-from .philox import dropout_keep_mask
+from .philox import dropout_keep_mask, philox_uniform
 
 __all__ = [
     "group_topk",
@@ -114,11 +115,11 @@ def group_topk_reference(x: torch.Tensor, k: int, group_size: int,
 if HAS_TRITON:
 
     def _group_topk_fwd_kernel(
-        x_ptr, w_ptr, b_ptr, vals_ptr, idx_ptr, mean_ptr, rstd_ptr,
+        x_ptr, w_ptr, b_ptr, vals_ptr, idx_ptr, mean_ptr, rstd_ptr, margin_ptr,
         n_rows, n_groups, stride_x, eps, p, scale, seed, rng_offset,
         K: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
         LAYER_NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-        DROPOUT: tl.constexpr,
+        DROPOUT: tl.constexpr, MARGIN: tl.constexpr,
     ):
         # One program per BLOCK_R rows; it walks the row's groups one [BLOCK_R, GROUP] tile at a
         # time, so D can be any multiple of GROUP.
@@ -171,6 +172,20 @@ if HAS_TRITON:
                 first_nan = tl.min(tl.where(free & is_nan, cols[None, :], GROUP), axis=1)
                 first = tl.where(first_nan < GROUP, first_nan, first)
                 taken = tl.where(cols[None, :] == first[:, None], 1, taken)
+            if MARGIN:
+                # Relative gap between the smallest kept and the largest dropped value, for
+                # the replay of near-tied selections in a reversible recompute (0 with a NaN).
+                finite = is_nan == 0
+                top1 = tl.max(tl.where(finite, h, float("-inf")), axis=1)
+                kth = tl.min(tl.where((taken != 0) & finite, h, float("inf")), axis=1)
+                nxt = tl.max(tl.where((taken == 0) & finite, h, float("-inf")), axis=1)
+                gap_scale = tl.maximum(tl.abs(top1), tl.abs(nxt))
+                safe_scale = tl.where(gap_scale > 0, gap_scale, 1.0)
+                rel = tl.where(gap_scale > 0, (kth - nxt) / safe_scale, 0.0)
+                rel = tl.where(nxt == float("-inf"), float("inf"), rel)
+                any_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0
+                rel = tl.where(any_nan, 0.0, rel)
+                tl.store(margin_ptr + rows64 * n_groups + grp, rel, mask=row_mask)
             # Slot of each kept entry in the ascending output: kept entries before it.
             slot = tl.cumsum(taken, axis=1) - 1
             out_off = (rows64[:, None] * n_groups + grp) * K + slot.to(tl.int64)
@@ -271,10 +286,13 @@ def group_topk_forward_triton(
     bias: Optional[torch.Tensor] = None, eps: float = 1e-5, layer_norm: bool = False,
     dropout_p: float = 0.0, seed: int = 0, offset: int = 0,
     values: Optional[torch.Tensor] = None, indices: Optional[torch.Tensor] = None,
+    margin: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the forward kernel; returns ``values, indices, mean, rstd`` (the last two for LN).
 
     ``values``/``indices`` may be preallocated ``[N, G, k]`` contiguous outputs (e.g. arena views).
+    ``margin``: a contiguous ``[N, G]`` float32 tensor that receives each selection's relative
+    margin (:func:`~gsr_compiler.runtime.choices.selection_margin`), or None.
     """
     n, groups, g = _check_args(x, k, group_size, dropout_p)
     if x.stride(1) != 1:
@@ -286,6 +304,9 @@ def group_topk_forward_triton(
     for name, t, dt in (("values", values, x.dtype), ("indices", indices, torch.uint8)):
         if tuple(t.shape) != (n, groups, k) or t.dtype != dt or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous [{n}, {groups}, {k}] {dt} tensor")
+    if margin is not None and (tuple(margin.shape) != (n, groups) or margin.dtype != torch.float32
+                               or not margin.is_contiguous()):
+        raise ValueError(f"margin must be a contiguous [{n}, {groups}] float32 tensor")
     mean = rstd = None
     if layer_norm:
         mean = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -298,11 +319,12 @@ def group_topk_forward_triton(
     _group_topk_fwd[grid](
         x, dummy if weight is None else weight, dummy if bias is None else bias, values, indices,
         dummy if mean is None else mean, dummy if rstd is None else rstd,
+        dummy if margin is None else margin,
         n, groups, x.stride(0), float(eps), float(dropout_p),
         1.0 / (1.0 - dropout_p), int(seed), int(offset),
         K=k, GROUP=g, BLOCK_R=block_r, LAYER_NORM=layer_norm,
         HAS_WEIGHT=layer_norm and weight is not None, HAS_BIAS=layer_norm and bias is not None,
-        DROPOUT=dropout_p > 0,
+        DROPOUT=dropout_p > 0, MARGIN=margin is not None,
     )
     return values, indices, mean, rstd
 
@@ -364,11 +386,44 @@ def group_topk_backward_triton(
     return grad_x, grad_w, grad_b
 
 
+def _kernel_values_at(x, weight, bias, eps, layer_norm, group_size, k, dropout_p, seed, offset):
+    """``values_at`` of :class:`~gsr_compiler.runtime.choices.SelectionReplay` for the kernel:
+    the values the kernel writes for ``(row, group)`` pairs had it kept ``positions``, computed
+    with torch for those rows only (LayerNorm, gather, the kernel's dropout mask)."""
+    groups = x.shape[1] // group_size
+
+    def values_at(pairs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        rows, grp = pairs // groups, pairs % groups
+        h = x[rows].float()
+        if layer_norm:
+            h = F.layer_norm(h, (x.shape[1],), None if weight is None else weight.float(),
+                             None if bias is None else bias.float(), eps)
+        h = h.view(-1, groups, group_size)[torch.arange(rows.numel(), device=x.device), grp]
+        kept = h.gather(-1, positions)
+        if dropout_p > 0:
+            slots = pairs[:, None] * k + torch.arange(k, device=x.device)
+            keep = philox_uniform(seed, offset + slots) > dropout_p
+            kept = torch.where(keep, kept * (1.0 / (1.0 - dropout_p)), torch.zeros((), device=x.device))
+        return kept.to(x.dtype)
+
+    return values_at
+
+
 class _GroupTopKFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, k, group_size, eps, layer_norm, dropout_p, seed, offset):
+        n, groups = x.shape[0], x.shape[1] // group_size
+        replay = SelectionReplay.begin((n, groups, group_size), k)
+        margin = (None if replay is None
+                  else torch.empty(n, groups, dtype=torch.float32, device=x.device))
         values, indices, mean, rstd = group_topk_forward_triton(
-            x, k, group_size, weight, bias, eps, layer_norm, dropout_p, seed, offset)
+            x, k, group_size, weight, bias, eps, layer_norm, dropout_p, seed, offset,
+            margin=margin)
+        if replay is not None:
+            # Rows whose selection the forward recorded keep it in the recompute.
+            indices, values = replay.apply(indices, values, margin, _kernel_values_at(
+                x, weight, bias, eps, layer_norm, group_size, k, dropout_p, seed, offset))
+            replay.close()
         ctx.mark_non_differentiable(indices)
         # Without LayerNorm the backward needs only the indices, not x.
         saved_x = x if layer_norm else None

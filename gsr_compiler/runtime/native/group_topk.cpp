@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -63,11 +64,14 @@ void select_lanes(const uint32_t* keys, int64_t g, int64_t m, bool forward, uint
 }
 
 void select_rows(const float* x, int64_t begin, int64_t end, int64_t g, int64_t k,
-                 int64_t* positions, float* values) {
+                 int64_t* positions, float* values, float* following) {
   const bool keep = 2 * k <= g;
   const int64_t m = keep ? k : g - k;
-  std::vector<uint32_t> keys(g * LANES), best_key(std::max<int64_t>(m, 1) * LANES),
-      best_rank(std::max<int64_t>(m, 1) * LANES);
+  // With `following`, keeping k also tracks the (k+1)-th: one more buffer slot. Dropping g - k
+  // already has it: the last slot, the largest of the dropped.
+  const int64_t slots = m + ((following && keep) ? 1 : 0);
+  std::vector<uint32_t> keys(g * LANES), best_key(std::max<int64_t>(slots, 1) * LANES),
+      best_rank(std::max<int64_t>(slots, 1) * LANES);
   // Kept positions of one row as a bitset, read back in ascending order.
   const int64_t words = (g + 63) / 64;
   std::vector<uint64_t> kept(words);
@@ -77,7 +81,7 @@ void select_rows(const float* x, int64_t begin, int64_t end, int64_t g, int64_t 
       const float* row = x + (r0 + std::min(l, lanes - 1)) * g;  // spare lanes repeat a row
       for (int64_t p = 0; p < g; ++p) keys[p * LANES + l] = value_key(row[p]);
     }
-    if (m > 0) select_lanes(keys.data(), g, m, keep, best_key.data(), best_rank.data());
+    if (slots > 0) select_lanes(keys.data(), g, slots, keep, best_key.data(), best_rank.data());
     for (int64_t l = 0; l < lanes; ++l) {
       if (keep) {
         std::fill(kept.begin(), kept.end(), 0);
@@ -91,6 +95,16 @@ void select_rows(const float* x, int64_t begin, int64_t end, int64_t g, int64_t 
         kept[p / 64] ^= uint64_t{1} << (p % 64);  // set (keep) or clear (drop)
       }
       const float* row = x + (r0 + l) * g;
+      if (following) {
+        // The largest value not kept: slot k when keeping, slot m - 1 when dropping.
+        float next = -std::numeric_limits<float>::infinity();
+        if (keep) {
+          next = row[best_rank[k * LANES + l]];
+        } else if (m > 0) {
+          next = row[g - 1 - static_cast<int64_t>(best_rank[(m - 1) * LANES + l])];
+        }
+        following[r0 + l] = next;
+      }
       int64_t* pos_out = positions + (r0 + l) * k;
       float* val_out = values + (r0 + l) * k;
       for (int64_t w = 0, j = 0; w < words; ++w) {
@@ -109,9 +123,10 @@ void select_rows(const float* x, int64_t begin, int64_t end, int64_t g, int64_t 
 
 extern "C" {
 
-// x: [rows, g] contiguous; positions, values: [rows, k]; 1 <= k <= g.
+// x: [rows, g] contiguous; positions, values: [rows, k]; 1 <= k <= g. following: [rows], the
+// largest value not kept (-inf when k == g), or null when not wanted.
 void gsr_group_topk_f32(const float* x, int64_t rows, int64_t g, int64_t k, int64_t* positions,
-                        float* values, int threads) {
+                        float* values, float* following, int threads) {
   // Below ~64k entries a thread costs more than it saves; chunks are whole lane blocks.
   const int64_t blocks = (rows + LANES - 1) / LANES;
   const int64_t n = std::max<int64_t>(
@@ -121,12 +136,12 @@ void gsr_group_topk_f32(const float* x, int64_t rows, int64_t g, int64_t k, int6
   for (int64_t t = 1; t < n; ++t) {
     const int64_t begin = std::min(rows, t * chunk), end = std::min(rows, begin + chunk);
     try {
-      pool.emplace_back(select_rows, x, begin, end, g, k, positions, values);
+      pool.emplace_back(select_rows, x, begin, end, g, k, positions, values, following);
     } catch (...) {  // no thread to be had: this one does the chunk
-      select_rows(x, begin, end, g, k, positions, values);
+      select_rows(x, begin, end, g, k, positions, values, following);
     }
   }
-  select_rows(x, 0, std::min(rows, chunk), g, k, positions, values);
+  select_rows(x, 0, std::min(rows, chunk), g, k, positions, values, following);
   for (auto& worker : pool) worker.join();
 }
 

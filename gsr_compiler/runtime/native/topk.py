@@ -21,7 +21,7 @@ _NAME = "gsr_group_topk"
 _SOURCE = Path(__file__).with_name("group_topk.cpp")
 _SYMBOLS = {torch.float32: "gsr_group_topk_f32"}
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-             ctypes.c_void_p, ctypes.c_int]
+             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -51,11 +51,13 @@ def native_topk_status() -> str:
     return library_status(_NAME, _SOURCE, tuple(_SYMBOLS.values()))
 
 
-def native_group_topk(xg: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def native_group_topk(xg: Tensor, k: int, following: bool = False
+                      ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Positions (int64, ascending) and values of the ``k`` largest entries along the last dim.
 
     ``xg`` is ``[..., g]`` on CPU, float32 (:func:`native_topk_covers`); the results
-    are ``[..., k]``. Runs on ``torch.get_num_threads()`` threads.
+    are ``[..., k]``. With ``following``, also the largest value not kept, ``[...]``
+    (``-inf`` where ``k == g``). Runs on ``torch.get_num_threads()`` threads.
     """
     if not native_topk_covers(xg):
         raise RuntimeError(f"native group top-k does not cover {xg.dtype} tensors on "
@@ -67,8 +69,9 @@ def native_group_topk(xg: Tensor, k: int) -> tuple[Tensor, Tensor]:
     x = xg.contiguous()
     positions = torch.empty(*xg.shape[:-1], k, dtype=torch.int64)
     values = torch.empty(*xg.shape[:-1], k, dtype=xg.dtype)
+    nxt = torch.empty(xg.shape[:-1], dtype=xg.dtype) if following else None
     rows = x.numel() // g if g else 0
     if rows:
         _function(xg.dtype)(x.data_ptr(), rows, g, k, positions.data_ptr(), values.data_ptr(),
-                            torch.get_num_threads())
-    return positions, values
+                            None if nxt is None else nxt.data_ptr(), torch.get_num_threads())
+    return (positions, values) if nxt is None else (positions, values, nxt)

@@ -44,6 +44,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..first_order import first_order_only
 from ..kernels import (KERNEL_DTYPES, check_backend, csr_from_edge_index, kernel_covers_group,
                        sparse_aggregate, use_triton)
 from ..slicing import slices
@@ -142,7 +143,7 @@ class _DensePropagate(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("the compressed aggregation")
     def backward(ctx, grad_out: Tensor):
         src, dst, edge_weight, deg = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:

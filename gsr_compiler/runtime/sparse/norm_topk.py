@@ -23,13 +23,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..first_order import first_order_only
 from ..kernels import check_backend, use_triton
 from ..kernels import group_topk as fused_group_topk
 from ..slicing import slices
 from .compressed import CompressedActivation, check_topk_input, index_dtype_for_group
 from .kept_dropout import check_dropout_p, drop_kept_values, kernel_dropout_args
 from .modules import GroupTopKCompress, share_state
-from .topk import _grouped, _kernel_covers, _select
+from ..choices import SelectionReplay
+from .topk import _grouped, _kernel_covers, select_replayed
 
 __all__ = ["LayerNormGroupTopKCompress", "layer_norm_group_topk_compress"]
 
@@ -47,14 +49,17 @@ class _LayerNormGroupTopK(torch.autograd.Function):
         indices = torch.empty(n, d // group, k, dtype=index_dtype_for_group(group),
                               device=x.device)
         means, rstds = [], []
+        replay = SelectionReplay.begin((n, d // group, group), k)
         for rows in slices(n, d, _BLOCK_ELEMENTS):
             h, mean, rstd = torch.native_layer_norm(x[rows], (d,), weight, bias, eps)
-            idx, kept = _select(_grouped(h, group), k)
+            idx, kept = select_replayed(_grouped(h, group), k, rows.start or 0, replay)
             values[rows] = kept
             indices[rows] = idx
             means.append(mean)
             rstds.append(rstd)
             del h
+        if replay is not None:
+            replay.close()
         mean = torch.cat(means) if means else x.new_empty(0, 1)
         rstd = torch.cat(rstds) if rstds else x.new_empty(0, 1)
         ctx.mark_non_differentiable(indices)
@@ -63,7 +68,7 @@ class _LayerNormGroupTopK(torch.autograd.Function):
         return values, indices
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("the fused LayerNorm + group top-k")
     def backward(ctx, grad_values: Tensor, _grad_indices):  # type: ignore[override]
         x, weight, bias, mean, rstd, indices = ctx.saved_tensors
         n, d = x.shape

@@ -30,8 +30,12 @@ and copies the same values, so both paths give equal results.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+from ..choices import SelectionReplay, selection_margin
 
 from ..kernels import KERNEL_DTYPES, check_backend, kernel_covers_group, use_triton
 from ..kernels import group_topk as fused_group_topk
@@ -43,10 +47,12 @@ from .kept_dropout import check_dropout_p, drop_kept_values, kernel_dropout_args
 __all__ = ["group_topk", "group_topk_compress", "GroupTopK", "select_group_topk"]
 
 
-def select_group_topk(xg: Tensor, k: int) -> Tensor:
+def select_group_topk(xg: Tensor, k: int, following: bool = False
+                      ) -> Tensor | tuple[Tensor, Tensor]:
     """Positions (int64, ascending) of the ``k`` largest values along the last dim of ``xg``.
 
-    ``xg`` is ``[N, G, g]``; the result is ``[N, G, k]``. Ties go to the lower position.
+    ``xg`` is ``[N, G, g]``; the result is ``[N, G, k]``. Ties go to the lower position. With
+    ``following``, also the largest value not kept, ``[N, G]`` (``-inf`` where ``k == g``).
 
     ``torch.topk`` is about 3x faster than a full stable sort here, but its order among equal values
     is unspecified. So: take the ``k + 1`` largest (unsorted, cheaper than sorted) and drop the
@@ -56,8 +62,9 @@ def select_group_topk(xg: Tensor, k: int) -> Tensor:
     """
     g = xg.shape[-1]
     if k == g:
-        return torch.arange(g, device=xg.device).expand(xg.shape).contiguous()
-    if k == 1:
+        idx = torch.arange(g, device=xg.device).expand(xg.shape).contiguous()
+        return (idx, xg.new_full(xg.shape[:-1], -math.inf)) if following else idx
+    if k == 1 and not following:
         # torch.max(dim) documents that it returns the first maximal index.
         return xg.max(dim=-1, keepdim=True).indices
     top_vals, top_idx = torch.topk(xg, k + 1, dim=-1, largest=True, sorted=False)
@@ -71,17 +78,39 @@ def select_group_topk(xg: Tensor, k: int) -> Tensor:
         rows = ambiguous.nonzero(as_tuple=True)
         order = torch.sort(xg[rows], dim=-1, descending=True, stable=True).indices
         idx[rows] = order[..., :k].sort(dim=-1).values
-    return idx
+    # The (k+1)-th largest is the smallest of the k + 1, the one dropped (a tie changes only
+    # which position it sits at, not its value; a NaN there makes the margin NaN: recorded).
+    return (idx, lowest.squeeze(-1)) if following else idx
 
 
-def _select(xg: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Positions (int64, ascending) and values of the ``k`` largest of each ``xg[..., :]``: the
-    native CPU selection where it runs (same set, several times faster than ``torch.topk`` on
-    short rows), else :func:`select_group_topk`."""
+def _select(xg: Tensor, k: int, following: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Positions (int64, ascending) and values of the ``k`` largest of each ``xg[..., :]``, and
+    with ``following`` the largest value not kept: the native CPU selection where it runs (same
+    set, several times faster than ``torch.topk`` on short rows), else :func:`select_group_topk`."""
     if 1 < k < xg.shape[-1] and native_topk_covers(xg):
-        return native_group_topk(xg, k)
+        if following:
+            return native_group_topk(xg, k, following=True)
+        return (*native_group_topk(xg, k), None)
+    if following:
+        idx, nxt = select_group_topk(xg, k, following=True)
+        return idx, xg.gather(-1, idx), nxt
     idx = select_group_topk(xg, k)
-    return idx, xg.gather(-1, idx)
+    return idx, xg.gather(-1, idx), None
+
+
+def select_replayed(xg: Tensor, k: int, row_start: int = 0,
+                    replay: SelectionReplay | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`_select` inside a reversible branch: records or replays the selection of the
+    ``(row, group)`` pairs whose margin is small (:mod:`~gsr_compiler.runtime.choices`).
+    ``replay`` is the op's :class:`SelectionReplay` (rows from ``row_start``), or None."""
+    if replay is None:
+        idx, values, _ = _select(xg, k)
+        return idx, values
+    idx, values, nxt = _select(xg, k, following=True)
+    flat = xg.reshape(-1, xg.shape[-1])
+    return replay.apply(idx, values, selection_margin(values, nxt),
+                        lambda pairs, positions: flat[pairs].gather(-1, positions), row_start)
 
 
 def _grouped(x: Tensor, group: int) -> Tensor:
@@ -94,8 +123,11 @@ class _GroupTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, k: int, group: int) -> Tensor:  # type: ignore[override]
         xg = _grouped(x, group)
-        idx, values = _select(xg, k)
-        out = torch.zeros_like(xg).scatter_(-1, idx, values)
+        replay = SelectionReplay.begin(tuple(xg.shape), k)
+        idx, values = select_replayed(xg, k, replay=replay)
+        if replay is not None:
+            replay.close()
+        out = torch.zeros_like(xg).scatter_(-1, idx.long(), values)
         ctx.save_for_backward(idx.to(index_dtype_for_group(group)))
         return out.view(x.shape)
 
@@ -114,7 +146,10 @@ class _GroupTopKCompress(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, k: int, group: int):  # type: ignore[override]
         xg = _grouped(x, group)
-        idx, values = _select(xg, k)
+        replay = SelectionReplay.begin(tuple(xg.shape), k)
+        idx, values = select_replayed(xg, k, replay=replay)
+        if replay is not None:
+            replay.close()
         indices = idx.to(index_dtype_for_group(group))
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)

@@ -1,0 +1,322 @@
+r"""Replaying the discrete choices of a reversible block in its backward recompute.
+
+A reversible chain's backward rebuilds each block input from the block output
+(:math:`x_i = y_i - f_i(y_{i-1})`) and runs the branch again on it. The rebuilt input differs
+from the forward's by rounding, and the difference grows with depth. Where the branch makes a
+discrete choice, an input that close to the boundary can choose differently in the recompute:
+a group top-k then keeps another value (its output changes by about the value itself), a ReLU's
+gradient mask flips. The forward output is unaffected, so the loss looks normal while the
+gradients are wrong, and the wrong branch output feeds every earlier block's reconstruction.
+
+So the forward records, for each choice whose *margin* is small, what it chose, and the
+recompute makes the same choice there:
+
+* a **sign** (ReLU, LeakyReLU: which side of 0): margin :math:`|x| / \mathrm{rms}(x_{row})`;
+* a **selection** (group top-k: which ``k`` of ``g`` values are kept): margin
+  :math:`(v_{(k)} - v_{(k+1)}) / \max(|v_{(1)}|, |v_{(k+1)}|)`, the gap between the smallest
+  kept and the largest dropped value relative to the group's scale.
+
+A choice is recorded when its margin is below ``margin`` (:class:`ChoiceTape`); every other
+choice cannot flip unless the rebuilt input moved by about ``margin`` relative to its scale. The
+recompute checks exactly that: an unrecorded choice whose rebuilt margin is below ``margin / 2``
+is counted as *unsafe* (:class:`ReplayStats`), the sign that the reconstruction error has
+outgrown the margin. Nothing dense is kept: a recorded sign costs its flat position and one byte,
+a recorded selection its ``(row, group)`` position and a bitmask of ``g`` bits.
+
+Ops find the tape through :func:`active_site`, set by the chain around each branch call (record
+in the forward, replay in the backward); outside a chain they run as they always do.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["ChoiceTape", "ReplayStats", "active_site", "replay_signs", "SelectionReplay",
+           "selection_margin"]
+
+_active = threading.local()
+
+
+def _index_dtype(count: int) -> torch.dtype:
+    return torch.int32 if count < 2 ** 31 else torch.int64
+
+
+@dataclass
+class ReplayStats:
+    """What one chain call recorded and what its recompute found.
+
+    Attributes:
+        choices: discrete choices made in the forward (signs, or ``(row, group)`` selections).
+        recorded: of those, recorded for the recompute (margin below the tape's margin).
+        nbytes: bytes the records keep until the backward.
+        forced: recorded choices the recompute would have made differently (flips prevented).
+        unsafe: unrecorded choices whose margin in the recompute fell below half the tape's
+            margin: the rebuilt input moved far enough that an unrecorded choice may have flipped.
+    """
+
+    choices: int = 0
+    recorded: int = 0
+    nbytes: int = 0
+    forced: int = 0
+    unsafe: int = 0
+
+
+@dataclass
+class _SignRecord:
+    shape: tuple
+    positions: Tensor  # flat positions of the recorded elements
+    positive: Tensor   # bool: the forward's choice (x > 0)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.positions, self.positive]
+
+
+@dataclass
+class _SelectionRecord:
+    shape: tuple       # [N, G, g] of the selection
+    k: int
+    pairs: Tensor      # flat (row * G + group) ids of the recorded selections, ascending
+    kept: Tensor       # [r, ceil(g / 8)] uint8: bit p set where position p was kept
+
+    def tensors(self) -> list[Tensor]:
+        return [self.pairs, self.kept]
+
+
+_Record = Union[_SignRecord, _SelectionRecord]
+
+
+@dataclass
+class _Site:
+    """The records of one branch call: appended in call order, taken back in the same order."""
+
+    tape: "ChoiceTape"
+    records: list
+    replay: bool
+    where: str
+    cursor: int = 0
+
+    @property
+    def margin(self) -> float:
+        return self.tape.margin
+
+    def put(self, record: _Record) -> None:
+        self.records.append(record)
+
+    def take(self, kind: type, shape: tuple) -> _Record:
+        if self.cursor >= len(self.records):
+            raise RuntimeError(
+                f"{self.where}: the backward recompute made more discrete choices (ReLU, top-k) "
+                "than the forward; the branch must run the same ops on every call")
+        record = self.records[self.cursor]
+        self.cursor += 1
+        if not isinstance(record, kind) or tuple(record.shape) != tuple(shape):
+            raise RuntimeError(
+                f"{self.where}: the backward recompute made a {kind.__name__[1:]} of shape "
+                f"{tuple(shape)} where the forward recorded a {type(record).__name__[1:]} of "
+                f"shape {tuple(record.shape)}; the branch must run the same ops on every call")
+        return record
+
+
+class ChoiceTape:
+    """The recorded choices of one call of a reversible chain, by ``(block, group)``.
+
+    Args:
+        margin: relative margin below which a choice is recorded (see the module docstring);
+            0 records nothing, but still counts unsafe choices in the recompute.
+    """
+
+    def __init__(self, margin: float) -> None:
+        if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"replay margin must be a finite number >= 0, got {margin!r}")
+        self.margin = float(margin)
+        self.stats = ReplayStats()
+        self._records: dict[tuple[int, int], list[_Record]] = {}
+
+    @contextlib.contextmanager
+    def site(self, block: int, group: int, replay: bool) -> Iterator[None]:
+        """Makes the ops of one branch call record (forward) or replay (backward) here."""
+        records = self._records.setdefault((block, group), [])
+        if not replay:
+            records.clear()
+        outer = getattr(_active, "site", None)
+        _active.site = _Site(self, records, replay, f"block {block}, group {group}")
+        try:
+            yield
+        finally:
+            _active.site = outer
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the records hold, in a fixed order (for ``save_for_backward``)."""
+        return [t for key in sorted(self._records) for r in self._records[key]
+                for t in r.tensors()]
+
+    def load(self, tensors: list[Tensor]) -> None:
+        """Puts back the tensors of :meth:`tensors` as autograd returns them."""
+        it = iter(tensors)
+        for key in sorted(self._records):
+            for r in self._records[key]:
+                if isinstance(r, _SignRecord):
+                    r.positions, r.positive = next(it), next(it)
+                else:
+                    r.pairs, r.kept = next(it), next(it)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def active_site() -> Optional[_Site]:
+    """The branch call recording or replaying choices now, or None outside a chain."""
+    return getattr(_active, "site", None)
+
+
+# -- signs: ReLU and LeakyReLU -------------------------------------------------------------
+
+def _row_rms(x: Tensor) -> Tensor:
+    if x.dim() == 0:
+        return x.detach().abs().reshape(1)
+    width = max(1, x.shape[-1])
+    return torch.linalg.vector_norm(x.detach(), dim=-1, keepdim=True) / math.sqrt(width)
+
+
+def replay_signs(x: Tensor) -> Optional[Tensor]:
+    """For a ReLU-like op of ``x``: in a replaying branch, the mask of elements to treat as
+    positive (the rebuilt ``x > 0``, with the forward's recorded choices forced); in a recording
+    branch, records the small-margin elements and returns None; outside a chain, None."""
+    site = active_site()
+    if site is None:
+        return None
+    x = x.detach()
+    stats = site.tape.stats
+    near_limit = site.margin * _row_rms(x)
+    if not site.replay:
+        near = (x.abs() <= near_limit).reshape(-1)
+        positions = near.nonzero().squeeze(1).to(_index_dtype(x.numel()))
+        positive = x.reshape(-1)[positions.long()] > 0
+        site.put(_SignRecord(tuple(x.shape), positions, positive))
+        stats.choices += x.numel()
+        stats.recorded += positions.numel()
+        stats.nbytes += positions.numel() * (positions.element_size() + 1)
+        return None
+    record = site.take(_SignRecord, tuple(x.shape))
+    # ~(x <= 0), not x > 0: NaN passes through, as torch.relu lets it.
+    mask = ~(x <= 0)
+    flat = mask.view(-1)
+    at = record.positions.long()
+    stats.forced += int((flat[at] != record.positive).sum())
+    flat[at] = record.positive
+    unsafe = (x.abs() <= 0.5 * near_limit).reshape(-1)
+    stats.unsafe += int(unsafe.sum()) - int(unsafe[at].sum())
+    return mask
+
+
+# -- selections: the group top-k ------------------------------------------------------------
+
+def selection_margin(values: Tensor, following: Tensor) -> Tensor:
+    """The relative margin of each ``(row, group)`` selection, ``[R, G]`` float32.
+
+    ``values``: the kept values ``[R, G, k]`` (before any dropout); ``following``: the largest
+    value not kept, ``[R, G]`` (``-inf`` where all are kept). NaN gives 0 (always recorded).
+    """
+    v = values.detach().float()
+    nxt = following.detach().float()
+    gap = v.amin(-1) - nxt
+    scale = torch.maximum(v.amax(-1).abs(), nxt.abs())
+    rel = torch.where(scale > 0, gap / scale, torch.zeros_like(gap))
+    rel = torch.where(torch.isinf(nxt) & (nxt < 0), torch.full_like(rel, math.inf), rel)
+    return torch.nan_to_num(rel, nan=0.0, posinf=math.inf)
+
+
+def _pack_positions(positions: Tensor, group: int) -> Tensor:
+    """``[r, k]`` positions in ``0..group-1`` -> ``[r, ceil(group / 8)]`` uint8 bitmask."""
+    r = positions.shape[0]
+    bytes_per = (group + 7) // 8
+    bits = torch.zeros(r, bytes_per * 8, dtype=torch.uint8, device=positions.device)
+    bits.scatter_(1, positions.long(), 1)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
+    return (bits.view(r, bytes_per, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_positions(kept: Tensor, group: int, k: int) -> Tensor:
+    """Inverse of :func:`_pack_positions`: ``[r, k]`` int64 positions, ascending."""
+    r = kept.shape[0]
+    shifts = torch.arange(8, dtype=torch.uint8, device=kept.device)
+    bits = ((kept.unsqueeze(-1) >> shifts) & 1).view(r, -1)[:, :group].bool()
+    return bits.nonzero()[:, 1].view(r, k)
+
+
+class SelectionReplay:
+    """Record or replay of one group top-k call inside a branch, in one or more row blocks.
+
+    Build it with :meth:`begin` (None outside a chain); pass every block's selection through
+    :meth:`apply`; call :meth:`close` after the last block.
+
+    ``apply(indices, values, margin, values_at, row_start)`` takes the block's kept positions
+    ``[R, G, k]`` and values (either may be changed in place and are returned), the relative
+    margins ``[R, G]`` (:func:`selection_margin`), and ``values_at(local_pairs, positions)``,
+    which returns the values the op would output for the given ``(row, group)`` pairs of the block
+    (flat ids ``local_row * G + group``) had it kept ``positions`` (``[r, k]``, ascending).
+    """
+
+    def __init__(self, site: _Site, shape: tuple, k: int) -> None:
+        self.site, self.shape, self.k = site, tuple(shape), int(k)
+        self._pairs: list[Tensor] = []
+        self._kept: list[Tensor] = []
+        self.record = site.take(_SelectionRecord, self.shape) if site.replay else None
+
+    @classmethod
+    def begin(cls, shape: tuple, k: int) -> Optional["SelectionReplay"]:
+        site = active_site()
+        if site is None or int(k) >= int(shape[-1]):  # keeping all g values chooses nothing
+            return None
+        return cls(site, shape, k)
+
+    def apply(self, indices: Tensor, values: Tensor, margin: Tensor,
+              values_at: Callable[[Tensor, Tensor], Tensor], row_start: int = 0
+              ) -> tuple[Tensor, Tensor]:
+        groups, group = self.shape[1], self.shape[2]
+        stats = self.site.tape.stats
+        offset = row_start * groups
+        if not self.site.replay:
+            near = (~(margin >= self.site.margin)).reshape(-1)  # NaN margins are recorded
+            local = near.nonzero().squeeze(1)
+            self._pairs.append(local + offset)
+            self._kept.append(_pack_positions(indices.reshape(-1, self.k)[local], group))
+            stats.choices += margin.numel()
+            return indices, values
+        indices, values = indices.contiguous(), values.contiguous()
+        pairs = self.record.pairs.long()
+        lo, hi = offset, offset + margin.numel()
+        take = (pairs >= lo) & (pairs < hi)
+        local = pairs[take] - offset
+        unsafe = (margin < 0.5 * self.site.margin).reshape(-1)
+        stats.unsafe += int(unsafe.sum()) - int(unsafe[local].sum())
+        if local.numel():
+            forced = _unpack_positions(self.record.kept[take], group, self.k)
+            flat_idx = indices.view(-1, self.k)
+            stats.forced += int((flat_idx[local].long() != forced).any(-1).sum())
+            flat_idx[local] = forced.to(indices.dtype)
+            values.view(-1, self.k)[local] = values_at(local, forced).to(values.dtype)
+        return indices, values
+
+    def close(self) -> None:
+        if self.site.replay:
+            return
+        device = self._pairs[0].device if self._pairs else None
+        groups, group = self.shape[1], self.shape[2]
+        count = self.shape[0] * groups
+        pairs = (torch.cat(self._pairs) if self._pairs
+                 else torch.empty(0, dtype=torch.int64, device=device))
+        kept = (torch.cat(self._kept) if self._kept
+                else torch.empty(0, (group + 7) // 8, dtype=torch.uint8, device=device))
+        record = _SelectionRecord(self.shape, self.k, pairs.to(_index_dtype(count)), kept)
+        self.site.put(record)
+        stats = self.site.tape.stats
+        stats.recorded += pairs.numel()
+        stats.nbytes += sum(t.numel() * t.element_size() for t in record.tensors())
