@@ -43,6 +43,7 @@ from torch import fx, nn
 
 from ..runtime.arena import ArenaPlan, LiveInterval, SymbolicSize, plan_arena
 from ..runtime.arena.coupling_arena import scratch_buffer_names
+from ..runtime.replayed_relu import ReplayedReLU
 from ..runtime.reversible import ReversibleChain
 from ..runtime.sparse import CompressedDropout, GroupTopK, GroupTopKCompress
 from ..runtime.sparse.compressed import compressed_nbytes_per_row
@@ -73,7 +74,7 @@ _KEEP_NOTHING_METHODS = {"add", "sub", "neg", "clone", "to", "float", "double", 
 # Ops that keep their output (their backward reads the result, not the input).
 _KEEP_OUTPUT_FUNCTIONS = {F.relu, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh}
 _KEEP_OUTPUT_METHODS = {"relu", "sigmoid", "tanh"}
-_KEEP_OUTPUT_MODULES = (nn.ReLU, nn.Sigmoid, nn.Tanh, GroupTopK, GroupTopKCompress,
+_KEEP_OUTPUT_MODULES = (nn.ReLU, ReplayedReLU, nn.Sigmoid, nn.Tanh, GroupTopK, GroupTopKCompress,
                         ReversibleChain)
 # Message-passing layers whose messages are scaled per edge, so autograd keeps them.
 _KEEPS_MESSAGES = {"GCNConv", "GATConv", "GATv2Conv", "GENConv"}
