@@ -30,35 +30,15 @@ import time
 import warnings
 
 import torch
-import torch_geometric.nn as pyg
-from torch import nn
 
 from gsr_compiler import gsr_compile
 from gsr_compiler.errors import GSRPrecisionWarning
-from gsr_compiler.models import ResidualGNN
+from gsr_compiler.models import ResidualGNN, UnnormalizedGIN
 from gsr_compiler.reference import store_everything
 from gsr_compiler.report import format_bytes
 from gsr_compiler.runtime.reversible import ReversibleChain
 
 UNGUARDED = {"replay_margin": None, "anchors": None}
-
-
-class NoNormGIN(nn.Module):
-    """``h = h + GINConv(MLP)(h)``, no norm: activations grow block after block."""
-
-    def __init__(self, depth: int, width: int = 32) -> None:
-        super().__init__()
-        self.encoder = nn.Linear(8, width)
-        self.blocks = nn.ModuleList(
-            pyg.GINConv(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width)))
-            for _ in range(depth))
-        self.decoder = nn.Linear(width, 1)
-
-    def forward(self, x, edge_index):
-        h = self.encoder(x)
-        for block in self.blocks:
-            h = h + block(h, edge_index)
-        return self.decoder(h)
 
 
 def random_graph(n: int, edges: int, seed: int = 1):
@@ -122,7 +102,7 @@ def part_depth(args) -> list[dict]:
     x, edge_index, target = random_graph(2000, 3400)
     for depth in (24, 64):
         torch.manual_seed(0)
-        model = NoNormGIN(depth)
+        model = UnnormalizedGIN(8, 32, 1, depth)
         for guard, options in (("on", {}), ("off", UNGUARDED)):
             row = {"model": "GIN, no norm", "depth": depth, "config": "dense", "guard": guard,
                    **gradient_errors(model, x, edge_index, target, **options)}

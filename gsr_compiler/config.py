@@ -54,18 +54,19 @@ class GSRConfig:
         replay_margin: the backward recompute of a reversible block runs on a rebuilt input
             that differs from the forward's by rounding; a discrete choice within that distance
             of its boundary (a ReLU's sign, a top-k's kept set) could flip and make the
-            gradients wrong. The forward records every choice whose relative margin is below
-            ``replay_margin`` and the recompute repeats it (docs/exactness.md); the recompute
-            also counts unrecorded choices that came within half of it, and warns. ``None``
-            turns recording and checking off.
+            gradients wrong. The forward records the choices whose relative margin is below
+            four times the rebuild error it predicts for their block, and at least below
+            ``replay_margin``; the recompute repeats them, counts unrecorded choices that came
+            within half the margin, and warns (docs/exactness.md). ``None`` turns recording and
+            checking off.
         anchors: where the forward keeps a block's exact input for the backward to resume
             from, so that reconstruction error cannot compound past one segment: ``"auto"``
-            (default) where the state has grown 16x since the last anchor (branches without a
-            norm), an int every that many blocks, ``None`` never. Each anchor keeps one
-            ``[N, D]`` state. ``explain()`` and ``precision_report()`` list them.
+            (default) where the rebuild error predicted from the state's growth would pass half
+            of ``drift_tolerance``, an int every that many blocks, ``None`` never. Each anchor
+            keeps one ``[N, D]`` state. ``explain()`` and ``precision_report()`` list them.
         drift_tolerance: warn (``GSRPrecisionWarning``, once per chain) when a backward
             measures a relative reconstruction error above this at an anchor or at the chain
-            input.
+            input; anchors keep the predicted error under half of it.
         verify: every backward of a reversible chain also runs it storing everything and
             measures each gradient's relative error against that (``precision_report()``;
             warns above ``drift_tolerance``). It costs the plain model's memory and time: turn

@@ -58,3 +58,24 @@ class ResidualGNN(nn.Module):
         for block in self.blocks:
             h = h + block(h, edge_index)
         return self.decoder(F.relu(self.norm(h)))
+
+
+class UnnormalizedGIN(nn.Module):
+    """``depth`` blocks ``h = h + GINConv(MLP)(h)`` with no norm anywhere: the state grows block
+    after block, which is what makes rebuilding block inputs lose bits (docs/exactness.md)."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, depth: int) -> None:
+        super().__init__()
+        import torch_geometric.nn as pyg
+
+        self.encoder = nn.Linear(in_channels, width)
+        self.blocks = nn.ModuleList(
+            pyg.GINConv(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width)))
+            for _ in range(depth))
+        self.decoder = nn.Linear(width, out_channels)
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        h = self.encoder(x)
+        for block in self.blocks:
+            h = h + block(h, edge_index)
+        return self.decoder(h)

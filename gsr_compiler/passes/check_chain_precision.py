@@ -24,6 +24,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import GSRPrecisionWarning
 from ..runtime.reversible import ReversibleChain
+from .chain_nodes import chain_nodes
 
 __all__ = ["CheckChainPrecision", "MIN_NORM_CHANNELS", "row_norm_width"]
 
@@ -54,14 +55,7 @@ class CheckChainPrecision(PassBase):
         self.notes: list[str] = []
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        seen: set[str] = set()
-        for node in gm.graph.nodes:
-            if node.op != "call_module" or node.target in seen:
-                continue
-            chain = gm.get_submodule(node.target)
-            if not isinstance(chain, ReversibleChain):
-                continue
-            seen.add(node.target)
+        for node, chain in chain_nodes(gm):
             found = _findings(str(node.target), node, chain)
             node.meta["gsr_precision"] = found
             for message in found:

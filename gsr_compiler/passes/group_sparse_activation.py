@@ -46,6 +46,7 @@ from ..runtime.sparse import (CompressedDropout, CompressedGCNConv, CompressedGI
                               GroupTopK, GroupTopKCompress, compression_ratio)
 from ..runtime.sparse.conv import COMPRESSED_AGGREGATIONS
 from ..runtime.sparse.norm_topk import LayerNormGroupTopKCompress
+from .chain_nodes import chain_nodes
 from .layer_types import LINEAR_TYPES
 from .unused_submodules import delete_unused_submodules
 
@@ -147,14 +148,7 @@ class GroupSparseActivation(PassBase):
 
     @staticmethod
     def _chains(gm: fx.GraphModule) -> list[tuple[str, ReversibleChain]]:
-        seen, chains = set(), []
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and node.target not in seen:
-                module = gm.get_submodule(node.target)
-                if isinstance(module, ReversibleChain):
-                    seen.add(node.target)
-                    chains.append((str(node.target), module))
-        return chains
+        return [(str(node.target), chain) for node, chain in chain_nodes(gm)]
 
     def _group_width(self, name: str, chain: ReversibleChain) -> tuple[int, int]:
         """(width of one reversible group, top-k group g) of ``chain``, checked."""

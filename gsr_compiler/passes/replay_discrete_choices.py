@@ -27,8 +27,8 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..runtime.replayed_relu import ReplayedReLU
-from ..runtime.reversible import ReversibleChain
 from ..runtime.sparse import GroupTopK, GroupTopKCompress
+from .chain_nodes import chain_nodes
 from .unused_submodules import delete_unused_submodules
 
 __all__ = ["ReplayDiscreteChoices", "unreplayed_choices"]
@@ -92,14 +92,7 @@ class ReplayDiscreteChoices(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
-        seen: set[str] = set()
-        for node in gm.graph.nodes:
-            if node.op != "call_module" or node.target in seen:
-                continue
-            chain = gm.get_submodule(node.target)
-            if not isinstance(chain, ReversibleChain):
-                continue
-            seen.add(node.target)
+        for node, chain in chain_nodes(gm):
             swapped, unreplayed = Counter(), Counter()
             for block in chain.blocks:
                 for branch in block:

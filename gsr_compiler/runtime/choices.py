@@ -16,12 +16,15 @@ recompute makes the same choice there:
   :math:`(v_{(k)} - v_{(k+1)}) / \max(|v_{(1)}|, |v_{(k+1)}|)`, the gap between the smallest
   kept and the largest dropped value relative to the group's scale.
 
-A choice is recorded when its margin is below ``margin`` (:class:`ChoiceTape`); every other
-choice cannot flip unless the rebuilt input moved by about ``margin`` relative to its scale. The
-recompute checks exactly that: an unrecorded choice whose rebuilt margin is below ``margin / 2``
-is counted as *unsafe* (:class:`ReplayStats`), the sign that the reconstruction error has
-outgrown the margin. Nothing dense is kept: a recorded sign costs its flat position and one byte,
-a recorded selection its ``(row, group)`` position and a bitmask of ``g`` bits.
+The forward records every choice whose margin is below the tape's ``margin`` (:class:`ChoiceTape`)
+together with that margin; once the forward has run, :meth:`ChoiceTape.keep` keeps, block by
+block, only the choices below that block's own margin (the chain sets it from the rebuild error
+it predicts there, :mod:`~gsr_compiler.runtime.drift`). Every other choice cannot flip unless the
+rebuilt input moved by about its block's margin. The recompute checks exactly that: an unrecorded
+choice whose rebuilt margin is below half its block's margin is counted as *unsafe*
+(:class:`ReplayStats`), the sign that the reconstruction error has outgrown the margin. Nothing
+dense is kept: a recorded sign costs its flat position and one byte, a recorded selection its
+``(row, group)`` position and a bitmask of ``g`` bits.
 
 Ops find the tape through :func:`active_site`, set by the chain around each branch call (record
 in the forward, replay in the backward); outside a chain they run as they always do.
@@ -72,9 +75,15 @@ class _SignRecord:
     shape: tuple
     positions: Tensor  # flat positions of the recorded elements
     positive: Tensor   # bool: the forward's choice (x > 0)
+    margins: Optional[Tensor] = None  # their margins, until ChoiceTape.keep
 
     def tensors(self) -> list[Tensor]:
         return [self.positions, self.positive]
+
+    def keep_below(self, margin: float) -> None:
+        keep = self.margins < margin
+        self.positions, self.positive = self.positions[keep], self.positive[keep]
+        self.margins = None
 
 
 @dataclass
@@ -83,9 +92,15 @@ class _SelectionRecord:
     k: int
     pairs: Tensor      # flat (row * G + group) ids of the recorded selections, ascending
     kept: Tensor       # [r, ceil(g / 8)] uint8: bit p set where position p was kept
+    margins: Optional[Tensor] = None  # their margins, until ChoiceTape.keep
 
     def tensors(self) -> list[Tensor]:
         return [self.pairs, self.kept]
+
+    def keep_below(self, margin: float) -> None:
+        keep = self.margins < margin
+        self.pairs, self.kept = self.pairs[keep], self.kept[keep]
+        self.margins = None
 
 
 _Record = Union[_SignRecord, _SelectionRecord]
@@ -99,11 +114,8 @@ class _Site:
     records: list
     replay: bool
     where: str
+    margin: float  # recording: the tape's; replaying: the block's (unsafe below half of it)
     cursor: int = 0
-
-    @property
-    def margin(self) -> float:
-        return self.tape.margin
 
     def put(self, record: _Record) -> None:
         self.records.append(record)
@@ -127,8 +139,8 @@ class ChoiceTape:
     """The recorded choices of one call of a reversible chain, by ``(block, group)``.
 
     Args:
-        margin: relative margin below which a choice is recorded (see the module docstring);
-            0 records nothing, but still counts unsafe choices in the recompute.
+        margin: relative margin below which the forward records a choice (see the module
+            docstring); 0 records nothing, but still counts unsafe choices in the recompute.
     """
 
     def __init__(self, margin: float) -> None:
@@ -137,19 +149,50 @@ class ChoiceTape:
         self.margin = float(margin)
         self.stats = ReplayStats()
         self._records: dict[tuple[int, int], list[_Record]] = {}
+        self._block_margins: dict[int, float] = {}
+        self._recorded_at: dict[int, float] = {}
+        self.short: list[int] = []  # blocks recorded below a smaller margin than they needed
 
     @contextlib.contextmanager
-    def site(self, block: int, group: int, replay: bool) -> Iterator[None]:
-        """Makes the ops of one branch call record (forward) or replay (backward) here."""
+    def site(self, block: int, group: int, replay: bool,
+             margin: Optional[float] = None) -> Iterator[None]:
+        """Makes the ops of one branch call record (forward; below ``margin``, default the
+        tape's) or replay (backward) here."""
         records = self._records.setdefault((block, group), [])
         if not replay:
             records.clear()
+            margin = self.margin if margin is None else min(float(margin), self.margin)
+            self._recorded_at[block] = margin
+        else:
+            margin = self._block_margins.get(block, self.margin)
         outer = getattr(_active, "site", None)
-        _active.site = _Site(self, records, replay, f"block {block}, group {group}")
+        _active.site = _Site(self, records, replay, f"block {block}, group {group}", margin)
         try:
             yield
         finally:
             _active.site = outer
+
+    def keep(self, block_margins: dict[int, float]) -> None:
+        """After the forward: keeps, in each block, only the choices below its margin in
+        ``block_margins`` (at most what the forward recorded below), and counts what is kept
+        and the blocks whose records fall short of their margin (:attr:`short`)."""
+        self.short = sorted(b for b, m in block_margins.items()
+                            if m > self._recorded_at.get(b, self.margin) * (1 + 1e-9))
+        self._block_margins = {b: min(float(m), self._recorded_at.get(b, self.margin))
+                               for b, m in block_margins.items()}
+        for (block, _), records in self._records.items():
+            for r in records:
+                r.keep_below(self._block_margins.get(block, self.margin))
+        kept = self.tensors()
+        self.stats.recorded = sum(r.positions.numel() if isinstance(r, _SignRecord)
+                                  else r.pairs.numel()
+                                  for records in self._records.values() for r in records)
+        self.stats.nbytes = sum(t.numel() * t.element_size() for t in kept)
+
+    @property
+    def block_margins(self) -> dict[int, float]:
+        """The margin each block's records were kept below (after :meth:`keep`)."""
+        return dict(self._block_margins)
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the records hold, in a fixed order (for ``save_for_backward``)."""
@@ -197,12 +240,12 @@ def replay_signs(x: Tensor) -> Optional[Tensor]:
     near_limit = site.margin * _row_rms(x)
     if not site.replay:
         near = (x.abs() <= near_limit).reshape(-1)
-        positions = near.nonzero().squeeze(1).to(_index_dtype(x.numel()))
-        positive = x.reshape(-1)[positions.long()] > 0
-        site.put(_SignRecord(tuple(x.shape), positions, positive))
+        positions = near.nonzero().squeeze(1)
+        margins = (x.abs() / _row_rms(x)).reshape(-1)[positions]
+        positive = x.reshape(-1)[positions] > 0
+        site.put(_SignRecord(tuple(x.shape), positions.to(_index_dtype(x.numel())), positive,
+                             margins))
         stats.choices += x.numel()
-        stats.recorded += positions.numel()
-        stats.nbytes += positions.numel() * (positions.element_size() + 1)
         return None
     record = site.take(_SignRecord, tuple(x.shape))
     # ~(x <= 0), not x > 0: NaN passes through, as torch.relu lets it.
@@ -268,6 +311,7 @@ class SelectionReplay:
         self.site, self.shape, self.k = site, tuple(shape), int(k)
         self._pairs: list[Tensor] = []
         self._kept: list[Tensor] = []
+        self._margins: list[Tensor] = []
         self.record = site.take(_SelectionRecord, self.shape) if site.replay else None
 
     @classmethod
@@ -284,10 +328,11 @@ class SelectionReplay:
         stats = self.site.tape.stats
         offset = row_start * groups
         if not self.site.replay:
-            near = (~(margin >= self.site.margin)).reshape(-1)  # NaN margins are recorded
-            local = near.nonzero().squeeze(1)
+            flat = margin.reshape(-1)
+            local = (~(flat >= self.site.margin)).nonzero().squeeze(1)  # NaN margins are recorded
             self._pairs.append(local + offset)
             self._kept.append(_pack_positions(indices.reshape(-1, self.k)[local], group))
+            self._margins.append(flat[local].nan_to_num(nan=0.0).float())
             stats.choices += margin.numel()
             return indices, values
         indices, values = indices.contiguous(), values.contiguous()
@@ -315,8 +360,7 @@ class SelectionReplay:
                  else torch.empty(0, dtype=torch.int64, device=device))
         kept = (torch.cat(self._kept) if self._kept
                 else torch.empty(0, (group + 7) // 8, dtype=torch.uint8, device=device))
-        record = _SelectionRecord(self.shape, self.k, pairs.to(_index_dtype(count)), kept)
-        self.site.put(record)
-        stats = self.site.tape.stats
-        stats.recorded += pairs.numel()
-        stats.nbytes += sum(t.numel() * t.element_size() for t in record.tensors())
+        margins = (torch.cat(self._margins) if self._margins
+                   else torch.empty(0, device=device))
+        self.site.put(_SelectionRecord(self.shape, self.k, pairs.to(_index_dtype(count)), kept,
+                                       margins))

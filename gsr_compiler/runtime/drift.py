@@ -1,25 +1,35 @@
 r"""Bounding and measuring how far a reversible chain's rebuilt inputs drift from the forward's.
 
 The backward rebuilds block inputs from outputs, :math:`x_i = y_i - f_i(y_{i-1})`. Each
-subtraction rounds at the scale of :math:`y_i`, and :math:`f_i` amplifies the error it is given,
-so the error grows with depth, and fast where activations grow (a branch without a norm): rebuilding
-a small :math:`x` from a large :math:`y` loses :math:`\log_2 |y| / |x|` bits.
+subtraction rounds at the scale of :math:`y_i`, and :math:`f_i` carries the error on to earlier
+blocks, so the error grows with depth, and fast where the state grows: rebuilding a small
+:math:`x` from a large :math:`y` loses :math:`\log_2 |y| / |x|` bits.
+
+**The prediction.** Rebuilding block :math:`i`'s input from a point :math:`n` blocks later (an
+anchor, or the chain output), where the state is :math:`R` times larger (the largest RMS on the
+way over the RMS at :math:`i`), leaves a relative error near
+
+.. math::
+    e_i \approx \max(c\, u\, R \sqrt{n},\; u R^2), \qquad c = 10
+
+with :math:`u` the dtype's unit roundoff: rounding errors of size :math:`uR` add up like a random
+walk, or, where the branches grow the state along itself (no norm), are amplified as much as the
+state grew. Measured here in float32 at the chain input against this prediction: pre-norm SAGE,
+2,000 nodes, 1000 blocks (R = 20): 2.4e-4 vs 3.8e-4; the same on b18_Cg, 256 blocks (R = 41):
+3.7e-4 vs 3.9e-4; GIN blocks without a norm, segments growing 64x over 16 blocks: 1.6e-4 vs
+2.5e-4, and 16x over about 10 blocks: 1.4e-5 vs 3e-5. The chain samples the RMS of its state on
+:data:`PROBE_ROWS` rows before every block.
 
 * **Anchors** (:class:`AnchorPolicy`): the forward keeps the exact input of some blocks, and the
-  backward resumes from it, so the error cannot compound past one segment. ``"auto"`` places one
-  where the state's RMS, sampled on a few rows, has grown :func:`auto_anchor_growth` times since
-  the last anchor (or the chain input); an integer places one every that many blocks.
-
-  Why growth: rebuilding :math:`x_a` from a state :math:`G` times larger rounds at
-  :math:`\epsilon G` relative to :math:`x_a`, and the branches amplify that error about as much
-  as they grew the state, so the relative error at the anchor is near :math:`\epsilon G^2`
-  (measured here, float32: pre-norm SAGE blocks grow about 20x over 1000 blocks and rebuild the
-  input within 5e-5; GIN blocks without a norm grow 1.3x per block, and segments of 16x and 64x
-  growth rebuild within 1.4e-5 and 1.6e-4). Anchors keep it below a quarter of the replay margin,
-  so that unrecorded choices stay out of reach.
+  backward resumes from it, so the error cannot compound past one segment. ``"auto"`` keeps one
+  where the predicted error of the segment since the last anchor would pass half the drift
+  tolerance; an integer keeps one every that many blocks.
+* **Replay margins** (:func:`block_margins`): each block keeps the discrete choices whose margin
+  is below 4 times the error predicted at its input (at least ``replay_margin``, at most twice the
+  drift tolerance), so that a rebuilt input cannot reach an unrecorded one.
 * **Measurement**: at every anchor, and at the chain input (a few rows of it are kept), the
   backward compares the rebuilt tensor with the exact one: ``rms(rebuilt - exact) / rms(exact)``.
-  :class:`ChainPrecision` holds what the last backward measured.
+  :class:`ChainPrecision` holds what the last backward measured, beside the prediction.
 """
 from __future__ import annotations
 
@@ -27,17 +37,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .choices import ReplayStats
 
-__all__ = ["PROBE_ROWS", "AnchorPolicy", "ChainPrecision", "auto_anchor_growth",
-           "check_anchors", "relative_error"]
+__all__ = ["PROBE_ROWS", "DRIFT_CONSTANT", "AnchorPolicy", "ChainPrecision", "block_margins",
+           "check_anchors", "predicted_errors", "relative_error"]
 
-#: Rows of the chain input kept to measure the reconstruction error at the end of the backward
-#: (and sampled for the growth of ``anchors="auto"``).
+#: Rows of the chain input kept to measure the reconstruction error at the end of the backward,
+#: and sampled before every block for the RMS of the state.
 PROBE_ROWS = 64
+
+#: ``c`` of the prediction :math:`e \approx c u R \sqrt{n}` (module docstring).
+DRIFT_CONSTANT = 10.0
 
 AnchorSetting = Union[str, int, None]
 
@@ -52,18 +66,61 @@ def check_anchors(anchors: object) -> AnchorSetting:
                      "int (every that many blocks) or None (no anchors)")
 
 
-def auto_anchor_growth(dtype: torch.dtype, replay_margin: Optional[float],
-                       drift_tolerance: float) -> float:
-    r"""The state growth after which ``anchors="auto"`` keeps an exact input: the
-    :math:`G` with :math:`\epsilon G^2` at a quarter of the replay margin (a tenth of the drift
-    tolerance without replay), :math:`\epsilon` the dtype's unit roundoff. About 20 for float32 with
-    the default margin, 5e5 for float64."""
-    target = drift_tolerance / 10
-    if replay_margin:
-        target = min(target, replay_margin / 4)
-    # Unit roundoff: half the distance from 1 to the next number.
-    unit = (torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps) / 2
-    return max(2.0, math.sqrt(target / unit))
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the distance from 1 to the next number of ``dtype`` (float32: 6e-8)."""
+    return torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps / 2
+
+
+def predicted_errors(rms: Sequence[float], anchors: Sequence[int], unit: float) -> np.ndarray:
+    """Predicted relative rebuild error of each block input ``0..L-1``.
+
+    ``rms[i]`` is the state's RMS before block ``i`` (``rms[L]``: the chain output); ``anchors``
+    the blocks whose exact input is kept. Each block is rebuilt from the next anchor above it,
+    or from the output."""
+    s = np.asarray(rms, dtype=np.float64)
+    depth = len(s) - 1
+    errors = np.zeros(depth)
+    tops = sorted(set(a for a in anchors if 0 < a < depth)) + [depth]
+    start = 0
+    for top in tops:
+        seg = s[start:top + 1]
+        # the largest RMS from each block up to the segment top, over the block's own
+        peak = np.maximum.accumulate(seg[::-1])[::-1][:-1]
+        own = np.where(seg[:-1] > 0, seg[:-1], np.inf)
+        steps = top - np.arange(start, top)
+        growth = peak / own
+        errors[start:top] = np.maximum(DRIFT_CONSTANT * unit * growth * np.sqrt(steps),
+                                       unit * growth ** 2)
+        start = top
+    return np.nan_to_num(errors, nan=np.inf)
+
+
+def block_margins(errors: np.ndarray, floor: Optional[float], drift_tolerance: float
+                  ) -> dict[int, float]:
+    """The replay margin of each block: 4 times its predicted error, at least ``floor`` (the
+    configured ``replay_margin``), at most twice ``drift_tolerance``."""
+    low = floor or 0.0
+    high = max(low, 2 * drift_tolerance)
+    return {i: float(min(high, max(low, 4 * e))) for i, e in enumerate(errors)}
+
+
+def recording_margins(previous_rms: Optional[Sequence[float]], depth: int, unit: float,
+                      floor: Optional[float], drift_tolerance: float) -> list[float]:
+    """The margin each block's forward records below, before the step's own prediction is
+    known: from the previous step's RMS profile (the state twice as large relative to each
+    block, to be safe), or without one the largest margin (twice ``drift_tolerance``). The
+    forward prunes its records to :func:`block_margins` once it has run."""
+    high = max(floor or 0.0, 2 * drift_tolerance)
+    if previous_rms is None or len(previous_rms) != depth + 1:
+        return [high] * depth
+    s = np.asarray(previous_rms, dtype=np.float64)
+    peak = np.maximum.accumulate(s[::-1])[::-1][:-1]
+    own = np.where(s[:-1] > 0, s[:-1], np.inf)
+    growth = 2 * peak / own
+    estimate = np.maximum(DRIFT_CONSTANT * unit * growth * np.sqrt(depth - np.arange(depth)),
+                          unit * growth ** 2)
+    return list(block_margins(np.nan_to_num(estimate, nan=np.inf), floor,
+                              drift_tolerance).values())
 
 
 def relative_error(rebuilt: Tensor, exact: Tensor) -> float:
@@ -89,40 +146,68 @@ def probe_rows(t: Tensor) -> Tensor:
     return torch.arange(0, n, step, device=t.device)
 
 
-def _rms(groups: Sequence[Tensor], rows: Tensor) -> float:
+def sampled_rms(groups: Sequence[Tensor], rows: Tensor) -> float:
+    """RMS of the state (its groups side by side) on the sampled ``rows``."""
     sample = torch.cat([_rows(t).index_select(0, rows) for t in groups], dim=-1).double()
     return float(torch.linalg.vector_norm(sample)) / math.sqrt(max(1, sample.numel()))
 
 
 class AnchorPolicy:
-    """Where one forward of a chain keeps exact block inputs.
+    """Where one forward of a chain keeps exact block inputs; it also records the RMS of the
+    state before every block (:attr:`rms`).
 
     Args:
         setting: ``"auto"``, an int (every that many blocks) or None.
-        x_groups: the chain input's groups (the growth baseline and the probe rows).
-        growth: the growth that places an anchor under ``"auto"`` (:func:`auto_anchor_growth`).
+        x_groups: the chain input's groups (its RMS is the first entry; the probe rows).
+        unit: the unit roundoff of the chain's dtype.
+        limit: ``"auto"`` keeps an anchor before the predicted error of the current segment
+            passes this.
     """
 
-    def __init__(self, setting: AnchorSetting, x_groups: Sequence[Tensor],
-                 growth: float) -> None:
-        self.setting = setting
-        self.growth = growth
+    def __init__(self, setting: AnchorSetting, x_groups: Sequence[Tensor], unit: float,
+                 limit: float) -> None:
+        self.setting, self.unit, self.limit = setting, unit, limit
         self.rows = probe_rows(x_groups[0])
-        self._base = _rms(x_groups, self.rows) if setting == "auto" else 0.0
+        self.rms = [sampled_rms(x_groups, self.rows)]
+        self.anchors: list[int] = []
+        self._start = 0
 
     def wants(self, block: int, groups: Sequence[Tensor]) -> bool:
-        """Whether to keep the exact input of ``block`` (its groups ``groups``)."""
-        if block == 0 or self.setting is None:
+        """Whether to keep the exact input of ``block`` (its groups ``groups``); call once per
+        block, in order, from block 1 (block 0's input is the chain input)."""
+        self.rms.append(sampled_rms(groups, self.rows))
+        if self.setting is None:
             return False
         if isinstance(self.setting, int):
-            return block % self.setting == 0
-        now = _rms(groups, self.rows)
-        if not math.isfinite(now):
-            return False
-        if now > self.growth * self._base:
-            self._base = now
-            return True
-        return False
+            keep = block % self.setting == 0
+        else:
+            seg = self.rms[self._start:block + 1]
+            keep = block > self._start and bool(
+                predicted_errors(seg, [], self.unit).max(initial=0.0) > self.limit)
+        if keep:
+            self.anchors.append(block)
+            self._start = block
+        return keep
+
+    def finish(self, output: Tensor) -> np.ndarray:
+        """After the last block: the predicted error of every block input."""
+        self.rms.append(sampled_rms(list(output.chunk(1, dim=-1)), self.rows))
+        return predicted_errors(self.rms, self.anchors, self.unit)
+
+
+@dataclass
+class ForwardGuard:
+    """What one forward of a chain keeps for its backward's exactness.
+
+    Attributes:
+        policy: where anchors go; it samples the state's RMS before every block.
+        anchors: block -> its exact input groups.
+        predicted: the predicted rebuild error of every block input (after the forward).
+    """
+
+    policy: AnchorPolicy
+    anchors: dict[int, list[Tensor]] = field(default_factory=dict)
+    predicted: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -137,6 +222,10 @@ class ChainPrecision:
             at every anchor and at block 0 (the chain input, on :data:`PROBE_ROWS` rows).
         gradient_errors: with ``verify``, the relative error of each gradient (``"input"``
             and every parameter by name) against the chain run storing everything.
+        predicted: the predicted error at the blocks of ``errors``, for comparison.
+        margins: smallest and largest replay margin of the blocks.
+        short: blocks whose forward recorded below a smaller margin than their prediction
+            asked for (the state grew more than the previous step's suggested).
     """
 
     replay: Optional[ReplayStats]
@@ -144,6 +233,9 @@ class ChainPrecision:
     anchor_bytes: int = 0
     errors: dict[int, float] = field(default_factory=dict)
     gradient_errors: dict[str, float] = field(default_factory=dict)
+    predicted: dict[int, float] = field(default_factory=dict)
+    margins: tuple[float, float] = (0.0, 0.0)
+    short: list[int] = field(default_factory=list)
 
     @property
     def worst_error(self) -> float:
@@ -160,10 +252,14 @@ class ChainPrecision:
             r = self.replay
             parts.append(f"{r.recorded} of {r.choices} choices recorded, {r.forced} flips "
                          f"prevented, {r.unsafe} unsafe")
+            parts.append(f"replay margins {self.margins[0]:.1e} to {self.margins[1]:.1e}"
+                         + (f", {len(self.short)} block(s) recorded short" if self.short else ""))
         parts.append(f"{len(self.anchors)} anchor(s) ({self.anchor_bytes} bytes)")
         if self.errors:
             worst = max(self.errors, key=self.errors.get)
-            parts.append(f"largest reconstruction error {self.errors[worst]:.1e} (block {worst})")
+            guess = self.predicted.get(worst)
+            parts.append(f"largest reconstruction error {self.errors[worst]:.1e} (block {worst}"
+                         + (f", predicted {guess:.1e})" if guess is not None else ")"))
         if self.gradient_errors:
             worst = max(self.gradient_errors, key=self.gradient_errors.get)
             parts.append(f"verify: largest gradient error {self.gradient_errors[worst]:.1e} "

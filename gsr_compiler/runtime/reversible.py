@@ -41,8 +41,8 @@ from .first_order import first_order_only
 from ..errors import GSRPrecisionWarning
 from .arena.coupling_arena import CouplingScratch
 from .choices import ChoiceTape
-from .drift import (AnchorPolicy, AnchorSetting, ChainPrecision, auto_anchor_growth,
-                    check_anchors, probe_rows, relative_error)
+from .drift import (AnchorPolicy, AnchorSetting, ChainPrecision, ForwardGuard, block_margins,
+                    check_anchors, recording_margins, relative_error, unit_roundoff)
 from .gradient_slots import GradientSlots
 from .kernels import coupling_add_, coupling_sub_, use_triton
 from .replay import draw_seed, frozen_running_stats, seeded
@@ -253,6 +253,14 @@ class ReversibleChain(nn.Module):
                 f"{grads[worst_name]:.2e} (relative) from the chain run storing everything, above "
                 f"drift_tolerance={self.drift_tolerance:g}. See last_precision.gradient_errors.",
                 GSRPrecisionWarning, stacklevel=2)
+        if precision.short and "short" not in warned:
+            warned.add("short")
+            warnings.warn(
+                f"{name}: {len(precision.short)} block(s) (first: {precision.short[0]}) needed a "
+                "larger replay margin than the forward recorded with, because the state grew "
+                "more than in the previous step; their rebuilt choices rely on the unsafe count. "
+                "Raise GSRConfig.replay_margin if this repeats.", GSRPrecisionWarning,
+                stacklevel=2)
         worst = precision.worst_error
         if worst > self.drift_tolerance and "drift" not in warned:
             warned.add("drift")
@@ -267,14 +275,17 @@ class ReversibleChain(nn.Module):
 
     def _new_tape(self) -> Optional[ChoiceTape]:
         margin = getattr(self, "replay_margin", None)  # absent in modules pickled before it
-        return None if margin is None else ChoiceTape(margin)
+        if margin is None:
+            return None
+        return ChoiceTape(max(margin, 2 * getattr(self, "drift_tolerance", 1e-3)))
 
     def _run_forward(self, x: Tensor, side_inputs: Sequence[object], seeds,
                      scratch: Optional[CouplingScratch] = None,
                      tape: Optional[ChoiceTape] = None,
-                     kept: Optional[dict[int, list[Tensor]]] = None) -> Tensor:
-        """The chain output. With ``kept`` (a dict), the exact inputs of the blocks the anchor
-        policy picks are cloned into it."""
+                     guard: Optional[ForwardGuard] = None) -> Tensor:
+        """The chain output. With ``guard``, the exact inputs of the blocks its anchor policy
+        picks are cloned into it, and the rebuild error of every block input is predicted; with
+        ``tape`` too, each block's choices are recorded and pruned to that prediction."""
         devices = [x.device]
         kernels = self._use_kernels(x)
         # Blocks pass their G groups along as a list: no concatenation between blocks. With
@@ -282,31 +293,48 @@ class ReversibleChain(nn.Module):
         xs = list(x.chunk(self.groups, dim=-1))
         state = _groups_shaped(scratch.state, xs[0]) if scratch is not None else None
         y0 = _group_shaped(scratch.y0, xs[0]) if scratch is not None else None
-        policy = None
-        if kept is not None:
-            growth = auto_anchor_growth(x.dtype, getattr(self, "replay_margin", None),
-                                        getattr(self, "drift_tolerance", 1e-3))
-            policy = AnchorPolicy(getattr(self, "anchors", None), xs, growth)
+        margin, tolerance = getattr(self, "replay_margin", None), getattr(self, "drift_tolerance",
+                                                                           1e-3)
+        unit = unit_roundoff(x.dtype)
+        recording = [None] * self.depth
+        if guard is not None and tape is not None:
+            recording = recording_margins(self.__dict__.get("_rms_profile"), self.depth, unit,
+                                          margin, tolerance)
         for i, block in enumerate(self.blocks):
-            if policy is not None and policy.wants(i, xs):
-                kept[i] = [t.clone() for t in xs]
+            if guard is not None and i > 0 and guard.policy.wants(i, xs):
+                guard.anchors[i] = [t.clone() for t in xs]
             extra = self._block_inputs(i, side_inputs)
             prev = _sum(xs[1:], into=y0, kernels=kernels)
             ys = []
             for j, f in enumerate(block):
-                with seeded(seeds[i][j], devices), _site(tape, i, j, replay=False):
+                with seeded(seeds[i][j], devices), _site(tape, i, j, False, recording[i]):
                     out = f(prev, *extra)
                 prev = _add(xs[j], out, into=None if state is None else state[j], kernels=kernels)
                 ys.append(prev)
             xs = ys
         # A fresh tensor: the output is saved for backward and handed on; it must outlive
         # this call's scratch.
-        return torch.cat(xs, dim=-1)
+        y = torch.cat(xs, dim=-1)
+        if guard is not None:
+            guard.predicted = guard.policy.finish(y)
+            # The next step's recording margins start from this step's profile.
+            self.__dict__["_rms_profile"] = list(guard.policy.rms)
+            if tape is not None:
+                tape.keep(block_margins(guard.predicted, margin, tolerance))
+        return y
+
+    def _new_guard(self, x: Tensor) -> Optional[ForwardGuard]:
+        if not self.guarded:
+            return None
+        policy = AnchorPolicy(getattr(self, "anchors", None), list(x.chunk(self.groups, dim=-1)),
+                              unit_roundoff(x.dtype), getattr(self, "drift_tolerance", 1e-3) / 2)
+        return ForwardGuard(policy)
 
 
-def _site(tape: Optional[ChoiceTape], block: int, group: int, replay: bool):
+def _site(tape: Optional[ChoiceTape], block: int, group: int, replay: bool,
+          margin: Optional[float] = None):
     """Where a branch call records (forward) or replays (backward) its discrete choices."""
-    return contextlib.nullcontext() if tape is None else tape.site(block, group, replay)
+    return contextlib.nullcontext() if tape is None else tape.site(block, group, replay, margin)
 
 
 def _group_shaped(view: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
@@ -374,13 +402,13 @@ class _ReversibleChainFunction(torch.autograd.Function):
         side_inputs = rest[:n_side]
         seeds = chain._draw_seeds()
         tape = chain._new_tape()
-        kept: Optional[dict[int, list[Tensor]]] = {} if chain.guarded else None
+        fwd_guard = chain._new_guard(x)
         probe = None
-        if kept is not None:  # a few rows of the input, to measure the drift at the end
-            probe_at = probe_rows(x)
+        if fwd_guard is not None:  # a few rows of the input, to measure the drift at the end
+            probe_at = fwd_guard.policy.rows
             probe = x.detach().reshape(-1, x.shape[-1]).index_select(0, probe_at)
         with torch.no_grad(), chain._scratch("forward", x) as scratch:
-            y = chain._run_forward(x, side_inputs, seeds, scratch, tape, kept)
+            y = chain._run_forward(x, side_inputs, seeds, scratch, tape, fwd_guard)
         ctx.chain = chain
         ctx.params = rest[n_side:]
         ctx.seeds = seeds
@@ -390,8 +418,10 @@ class _ReversibleChainFunction(torch.autograd.Function):
         ctx.side_constants = [None if isinstance(s, Tensor) else s for s in side_inputs]
         side_tensors = [s for s in side_inputs if isinstance(s, Tensor)]
         ctx.n_side_tensors = len(side_tensors)
-        ctx.anchor_blocks = sorted(kept) if kept else []
-        guard = [] if kept is None else [probe_at, probe]
+        kept = {} if fwd_guard is None else fwd_guard.anchors
+        ctx.anchor_blocks = sorted(kept)
+        ctx.predicted = None if fwd_guard is None else fwd_guard.predicted
+        guard = [] if fwd_guard is None else [probe_at, probe]
         guard += [t for i in ctx.anchor_blocks for t in kept[i]]
         ctx.verify = bool(getattr(chain, "verify", False))
         if ctx.verify:
@@ -432,10 +462,15 @@ class _ReversibleChainFunction(torch.autograd.Function):
                                  and s.requires_grad])
         precision = None
         if guard:
+            predicted = ctx.predicted
+            margins = tape.block_margins.values() if tape is not None else ()
             precision = ChainPrecision(
                 replay=None if tape is None else tape.stats, anchors=list(ctx.anchor_blocks),
                 anchor_bytes=sum(t.numel() * t.element_size() for ts in anchors.values()
-                                 for t in ts))
+                                 for t in ts),
+                predicted={i: float(predicted[i]) for i in [0, *ctx.anchor_blocks]},
+                margins=(min(margins, default=0.0), max(margins, default=0.0)),
+                short=list(tape.short) if tape is not None else [])
         with chain._scratch("backward", y) as scratch:
             grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, slots, scratch,
                                      anchors, precision, guard[:2])

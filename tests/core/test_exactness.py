@@ -10,13 +10,13 @@ from torch import nn
 
 from gsr_compiler import GSRCompileError, GSRConfig, gsr_compile
 from gsr_compiler.errors import GSRPrecisionWarning
-from gsr_compiler.models import ResidualGNN
+from gsr_compiler.models import ResidualGNN, UnnormalizedGIN
 from gsr_compiler.reference import store_everything
 from gsr_compiler.runtime.reversible import ReversibleChain
 
 from .models import Branch, DeepResidual, graph_inputs
 from .reference import reference_copy
-from .test_exactness_at_depth import NoNormGIN, random_graph
+from .test_exactness_at_depth import random_graph
 
 UNGUARDED = {"replay_margin": None, "anchors": None}
 
@@ -77,7 +77,7 @@ def test_verify_gradients_matches_an_independent_comparison_and_changes_nothing(
 def test_verify_gradients_finds_what_the_unguarded_chain_gets_wrong():
     x, edge_index, _ = random_graph(2000, 1.7)
     torch.manual_seed(0)
-    model = NoNormGIN(48)
+    model = UnnormalizedGIN(8, 32, 1, 48)
     unguarded = gsr_compile(model, example_inputs=(x, edge_index), **UNGUARDED)
     check = unguarded.verify_gradients((x, edge_index))
     assert not check.ok and check.worst[1] > 1e-2, str(check)
@@ -99,7 +99,7 @@ def test_verify_gradients_rejects_a_non_scalar_loss():
 def test_verify_mode_measures_every_gradient_of_the_chain():
     x, edge_index, target = random_graph(2000, 1.7)
     torch.manual_seed(0)
-    model = NoNormGIN(48)
+    model = UnnormalizedGIN(8, 32, 1, 48)
     bad = gsr_compile(model, example_inputs=(x, edge_index), verify=True, **UNGUARDED)
     with pytest.warns(GSRPrecisionWarning, match="verify"):
         ((bad(x, edge_index) - target) ** 2).mean().backward()
@@ -118,7 +118,7 @@ def test_verify_mode_measures_every_gradient_of_the_chain():
 def test_drift_warns_once_and_is_reported():
     x, edge_index, target = random_graph(2000, 1.7)
     torch.manual_seed(0)
-    gsr = gsr_compile(NoNormGIN(48), example_inputs=(x, edge_index), anchors=None)
+    gsr = gsr_compile(UnnormalizedGIN(8, 32, 1, 48), example_inputs=(x, edge_index), anchors=None)
     with pytest.warns(GSRPrecisionWarning, match="reconstruction error|unsafe|did not record"):
         ((gsr(x, edge_index) - target) ** 2).mean().backward()
     precision = chain_of(gsr).last_precision

@@ -43,6 +43,7 @@ def record_then_replay(op, x, moved, margin=1e-4):
     tape = ChoiceTape(margin)
     with torch.no_grad(), tape.site(0, 0, replay=False):
         values_f, idx_f = op(x)
+    tape.keep({})
     assert tape.stats.recorded > 0
     leaf = moved.clone().requires_grad_()
     with tape.site(0, 0, replay=True):
