@@ -63,6 +63,8 @@ def run_demo(circuit: str = "c6288", depth: int = 128, width: int = 32, steps: i
         loss.backward()
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+    print("exactness of the last backward (docs/exactness.md):")
+    print("  " + gsr_model.precision_report().replace("\n", "\n  "))
     gsr_model.eval()
     with torch.no_grad():
         pred = gsr_model(x, edge_index).squeeze(1).numpy()

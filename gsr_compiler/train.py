@@ -774,6 +774,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     save_scatter(preds, test["per_circuit"], scatter_path,
                  f"{cfg.label}: {cfg.depth} x {cfg.conv}, width {cfg.width}"
                  f"{', ' + _describe_compile(cfg) if cfg.gsr else ''}, {cfg.steps} steps")
+    if hasattr(model, "precision_report"):  # compiled with --gsr
+        log("exactness of the last backward: " + model.precision_report().replace("\n", "; "))
     log(f"wrote {checkpoint_path}, {metrics_path}, {scatter_path}")
     return TrainResult(metrics, cfg.out, checkpoint_path, metrics_path, scatter_path, model)
 

@@ -12,6 +12,8 @@ def test_demo_runs_on_a_bundled_circuit(tmp_path, monkeypatch, capsys):
     assert "6 block(s)" in out and "Pearson" in out
     # the default group top-k: half of each group of 8 / 2 groups = 4 channels
     assert "group top-k, k=2 of g=4" in out
+    # what the last backward recorded and measured, after training
+    assert "exactness of the last backward" in out and "choices recorded" in out
     assert (tmp_path / "out" / "rewritten_graph.png").exists()
 
 

@@ -46,7 +46,10 @@ def test_writes_metrics_scatter_and_checkpoint(tmp_path, mode, capsys):
     assert [row["step"] for row in metrics["val_history"]] == [2, 3]
     assert "val" in metrics["val_history"][0]
     assert (out / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "average" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "average" in printed
+    # a compiled run says what its last backward recorded and measured
+    assert ("exactness of the last backward" in printed) is ("--gsr" in mode)
 
 
 def _state(out):
