@@ -152,6 +152,8 @@ class ChoiceTape:
         self._block_margins: dict[int, float] = {}
         self._recorded_at: dict[int, float] = {}
         self.short: list[int] = []  # blocks recorded below a smaller margin than they needed
+        self._pending_forced: list[Tensor] = []
+        self._pending_unsafe: list[Tensor] = []
 
     @contextlib.contextmanager
     def site(self, block: int, group: int, replay: bool,
@@ -188,6 +190,23 @@ class ChoiceTape:
                                   else r.pairs.numel()
                                   for records in self._records.values() for r in records)
         self.stats.nbytes = sum(t.numel() * t.element_size() for t in kept)
+
+    def count(self, forced: Optional[Tensor] = None, unsafe: Optional[Tensor] = None) -> None:
+        """Adds to the recompute's counts; they stay tensors (no device sync per op) until
+        :meth:`settle`."""
+        if forced is not None:
+            self._pending_forced.append(forced)
+        if unsafe is not None:
+            self._pending_unsafe.append(unsafe)
+
+    def settle(self) -> ReplayStats:
+        """Folds the recompute's counts into :attr:`stats` (one sync) and returns it."""
+        for name, pending in (("forced", self._pending_forced), ("unsafe", self._pending_unsafe)):
+            if pending:
+                total = int(torch.stack([t.reshape(()).long() for t in pending]).sum())
+                setattr(self.stats, name, getattr(self.stats, name) + total)
+                pending.clear()
+        return self.stats
 
     @property
     def block_margins(self) -> dict[int, float]:
@@ -236,26 +255,27 @@ def replay_signs(x: Tensor) -> Optional[Tensor]:
     if site is None:
         return None
     x = x.detach()
-    stats = site.tape.stats
-    near_limit = site.margin * _row_rms(x)
+    rms = _row_rms(x)
+    near_limit = site.margin * rms
     if not site.replay:
         near = (x.abs() <= near_limit).reshape(-1)
         positions = near.nonzero().squeeze(1)
-        margins = (x.abs() / _row_rms(x)).reshape(-1)[positions]
-        positive = x.reshape(-1)[positions] > 0
-        site.put(_SignRecord(tuple(x.shape), positions.to(_index_dtype(x.numel())), positive,
+        values = x.reshape(-1)[positions]
+        width = x.shape[-1] if x.dim() else 1
+        margins = values.abs() / rms.reshape(-1)[positions // max(1, width)]
+        site.put(_SignRecord(tuple(x.shape), positions.to(_index_dtype(x.numel())), values > 0,
                              margins))
-        stats.choices += x.numel()
+        site.tape.stats.choices += x.numel()
         return None
     record = site.take(_SignRecord, tuple(x.shape))
     # ~(x <= 0), not x > 0: NaN passes through, as torch.relu lets it.
     mask = ~(x <= 0)
     flat = mask.view(-1)
     at = record.positions.long()
-    stats.forced += int((flat[at] != record.positive).sum())
+    site.tape.count(forced=(flat[at] != record.positive).sum())
     flat[at] = record.positive
     unsafe = (x.abs() <= 0.5 * near_limit).reshape(-1)
-    stats.unsafe += int(unsafe.sum()) - int(unsafe[at].sum())
+    site.tape.count(unsafe=unsafe.sum() - unsafe[at].sum())
     return mask
 
 
@@ -325,7 +345,6 @@ class SelectionReplay:
               values_at: Callable[[Tensor, Tensor], Tensor], row_start: int = 0
               ) -> tuple[Tensor, Tensor]:
         groups, group = self.shape[1], self.shape[2]
-        stats = self.site.tape.stats
         offset = row_start * groups
         if not self.site.replay:
             flat = margin.reshape(-1)
@@ -333,7 +352,7 @@ class SelectionReplay:
             self._pairs.append(local + offset)
             self._kept.append(_pack_positions(indices.reshape(-1, self.k)[local], group))
             self._margins.append(flat[local].nan_to_num(nan=0.0).float())
-            stats.choices += margin.numel()
+            self.site.tape.stats.choices += margin.numel()
             return indices, values
         indices, values = indices.contiguous(), values.contiguous()
         pairs = self.record.pairs.long()
@@ -341,11 +360,11 @@ class SelectionReplay:
         take = (pairs >= lo) & (pairs < hi)
         local = pairs[take] - offset
         unsafe = (margin < 0.5 * self.site.margin).reshape(-1)
-        stats.unsafe += int(unsafe.sum()) - int(unsafe[local].sum())
+        self.site.tape.count(unsafe=unsafe.sum() - unsafe[local].sum())
         if local.numel():
             forced = _unpack_positions(self.record.kept[take], group, self.k)
             flat_idx = indices.view(-1, self.k)
-            stats.forced += int((flat_idx[local].long() != forced).any(-1).sum())
+            self.site.tape.count(forced=(flat_idx[local].long() != forced).any(-1).sum())
             flat_idx[local] = forced.to(indices.dtype)
             values.view(-1, self.k)[local] = values_at(local, forced).to(values.dtype)
         return indices, values

@@ -474,6 +474,8 @@ class _ReversibleChainFunction(torch.autograd.Function):
         with chain._scratch("backward", y) as scratch:
             grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, slots, scratch,
                                      anchors, precision, guard[:2])
+        if tape is not None:
+            tape.settle()
         if precision is not None and ctx.verify:
             precision.gradient_errors = _verify(ctx, chain, guard[-1], grad_y, side_inputs,
                                                 grad_x, slots, params)
