@@ -43,8 +43,9 @@ from torch import Tensor
 
 from .choices import ReplayStats
 
-__all__ = ["PROBE_ROWS", "DRIFT_CONSTANT", "AnchorPolicy", "ChainPrecision", "block_margins",
-           "check_anchors", "predicted_errors", "relative_error"]
+__all__ = ["PROBE_ROWS", "DRIFT_CONSTANT", "AnchorPolicy", "ChainPrecision", "ForwardGuard",
+           "block_margins", "check_anchors", "drift_findings", "predicted_errors",
+           "recording_margins", "relative_error", "unit_roundoff"]
 
 #: Rows of the chain input kept to measure the reconstruction error at the end of the backward,
 #: and sampled before every block for the RMS of the state.
@@ -265,3 +266,43 @@ class ChainPrecision:
             parts.append(f"verify: largest gradient error {self.gradient_errors[worst]:.1e} "
                          f"({worst})")
         return "; ".join(parts)
+
+
+def drift_findings(name: str, precision: ChainPrecision, replay_margin: Optional[float],
+                   drift_tolerance: float) -> list[tuple[str, str]]:
+    """``(kind, message)`` for each way the backward of chain ``name`` went beyond what it
+    guarantees: unsafe choices, verified gradients off, records short of their margin, a
+    rebuild error above the tolerance. Each message says what to change."""
+    found = []
+    replay = precision.replay
+    if replay is not None and replay.unsafe:
+        found.append(("unsafe",
+            f"{name}: the backward recompute found {replay.unsafe} discrete choice(s) (ReLU "
+            "signs, top-k selections) the forward did not record, within half their block's "
+            f"replay margin (at most {precision.margins[1]:g}) of flipping: the rebuilt inputs "
+            "drifted that far, and the gradients may be inexact. Raise GSRConfig.replay_margin "
+            f"(now {replay_margin}), add anchors (GSRConfig.anchors=<every n blocks>), or check "
+            "with verify_gradients()."))
+    grads = precision.gradient_errors
+    if grads and max(grads.values()) > drift_tolerance:
+        worst = max(grads, key=grads.get)
+        found.append(("verify",
+            f"{name}: verify: the reversible backward's gradient of {worst} is off by "
+            f"{grads[worst]:.2e} (relative) from the chain run storing everything, above "
+            f"drift_tolerance={drift_tolerance:g}. See last_precision.gradient_errors."))
+    if precision.short:
+        found.append(("short",
+            f"{name}: {len(precision.short)} block(s) (first: {precision.short[0]}) needed a "
+            "larger replay margin than the forward recorded with, because the state grew more "
+            "than in the previous step; their rebuilt choices rely on the unsafe count. Raise "
+            "GSRConfig.replay_margin if this repeats."))
+    if precision.worst_error > drift_tolerance:
+        block = max(precision.errors, key=precision.errors.get)
+        found.append(("drift",
+            f"{name}: the backward rebuilt the input of block {block} with a relative error of "
+            f"{precision.worst_error:.2e}, above drift_tolerance={drift_tolerance:g} (anchors: "
+            f"{len(precision.anchors)}). Keep exact states more often (GSRConfig.anchors=<every "
+            "n blocks>), normalize the branches (activations that grow block after block are "
+            "what the rebuild loses), train in float32 or wider, or check with "
+            "verify_gradients()."))
+    return found

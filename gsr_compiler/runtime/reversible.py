@@ -42,7 +42,8 @@ from ..errors import GSRPrecisionWarning
 from .arena.coupling_arena import CouplingScratch
 from .choices import ChoiceTape
 from .drift import (AnchorPolicy, AnchorSetting, ChainPrecision, ForwardGuard, block_margins,
-                    check_anchors, recording_margins, relative_error, unit_roundoff)
+                    check_anchors, drift_findings, recording_margins, relative_error,
+                    unit_roundoff)
 from .gradient_slots import GradientSlots
 from .kernels import coupling_add_, coupling_sub_, use_triton
 from .replay import draw_seed, frozen_running_stats, seeded
@@ -232,46 +233,12 @@ class ReversibleChain(nn.Module):
 
     def _warn_about(self, precision: ChainPrecision) -> None:
         """Warns, once per chain and kind, when the backward measured too much drift."""
-        name = getattr(self, "gsr_name", "reversible chain")
         warned = self.__dict__.setdefault("_warned", set())
-        replay = precision.replay
-        if replay is not None and replay.unsafe and "unsafe" not in warned:
-            warned.add("unsafe")
-            warnings.warn(
-                f"{name}: the backward recompute found {replay.unsafe} discrete choice(s) "
-                f"(ReLU signs, top-k selections) the forward did not record, within half the "
-                f"replay margin ({self.replay_margin:g}) of flipping: the rebuilt inputs drifted "
-                "that far, and the gradients may be inexact. Raise GSRConfig.replay_margin, "
-                "add anchors (GSRConfig.anchors=<every n blocks>), or check with "
-                "verify_gradients().", GSRPrecisionWarning, stacklevel=2)
-        grads = precision.gradient_errors
-        if grads and max(grads.values()) > self.drift_tolerance and "verify" not in warned:
-            warned.add("verify")
-            worst_name = max(grads, key=grads.get)
-            warnings.warn(
-                f"{name}: verify: the reversible backward's gradient of {worst_name} is off by "
-                f"{grads[worst_name]:.2e} (relative) from the chain run storing everything, above "
-                f"drift_tolerance={self.drift_tolerance:g}. See last_precision.gradient_errors.",
-                GSRPrecisionWarning, stacklevel=2)
-        if precision.short and "short" not in warned:
-            warned.add("short")
-            warnings.warn(
-                f"{name}: {len(precision.short)} block(s) (first: {precision.short[0]}) needed a "
-                "larger replay margin than the forward recorded with, because the state grew "
-                "more than in the previous step; their rebuilt choices rely on the unsafe count. "
-                "Raise GSRConfig.replay_margin if this repeats.", GSRPrecisionWarning,
-                stacklevel=2)
-        worst = precision.worst_error
-        if worst > self.drift_tolerance and "drift" not in warned:
-            warned.add("drift")
-            block = max(precision.errors, key=precision.errors.get)
-            warnings.warn(
-                f"{name}: the backward rebuilt the input of block {block} with a relative error "
-                f"of {worst:.2e}, above drift_tolerance={self.drift_tolerance:g} (anchors: "
-                f"{len(precision.anchors)}). Keep exact states more often "
-                "(GSRConfig.anchors=<every n blocks>), normalize the branches (activations "
-                "that grow block after block are what the rebuild loses), train in float32 or "
-                "wider, or check with verify_gradients().", GSRPrecisionWarning, stacklevel=2)
+        for kind, message in drift_findings(getattr(self, "gsr_name", "reversible chain"),
+                                            precision, self.replay_margin, self.drift_tolerance):
+            if kind not in warned:
+                warned.add(kind)
+                warnings.warn(message, GSRPrecisionWarning, stacklevel=2)
 
     def _new_tape(self) -> Optional[ChoiceTape]:
         margin = getattr(self, "replay_margin", None)  # absent in modules pickled before it
