@@ -18,11 +18,13 @@ from torch import nn
 
 from gsr_compiler import gsr_compile
 from gsr_compiler.errors import GSRPrecisionWarning
+from gsr_compiler.passes.check_chain_precision import MIN_NORM_CHANNELS
 
 from .reference import reference_copy
 
 EXAMPLES = int(os.environ.get("GSR_FUZZ_EXAMPLES", "32"))
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+# float32: half the default drift tolerance, what anchors keep the predicted rebuild error under
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 5e-4}
 ACTIVATIONS = {"relu": F.relu, "leaky_relu": lambda h: F.leaky_relu(h, 0.1), "gelu": F.gelu,
                "tanh": torch.tanh}
 LAYERS = ("linear", "sage", "gcn", "graphconv", "gin", "gat", "gine", "gcn_weighted")
@@ -136,6 +138,10 @@ def test_random_model_matches_store_everything(seed):
         out, grads = one_step(gsr, inputs, target)
         ref_out, ref_grads = one_step(ref, inputs, target)
     tol = TOLERANCE[dtype]
+    if case["norm"] == "layer" and case["width"] // case["groups"] < MIN_NORM_CHANNELS:
+        tol *= 10  # an ill-conditioned narrow LayerNorm, warned about at compile time
+    if any(n.meta.get("gsr_unreplayed") for n in gsr.graph_module.graph.nodes):
+        tol *= 10  # a choice inside a layer's own code (GAT's LeakyReLU), listed by explain()
     torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol, msg=lambda m: f"{case}: {m}")
     assert grads.keys() == ref_grads.keys(), case
     scale = max(float(r.abs().max()) for r in ref_grads.values())
