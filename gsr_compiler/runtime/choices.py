@@ -40,8 +40,9 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["ChoiceTape", "ReplayStats", "active_site", "replay_signs", "SelectionReplay",
-           "selection_margin"]
+
+__all__ = ["ChoiceTape", "ReplayStats", "active_site", "record_signs", "recorded_signs",
+           "SelectionReplay", "selection_margin"]
 
 _active = threading.local()
 
@@ -203,7 +204,9 @@ class ChoiceTape:
         """Folds the recompute's counts into :attr:`stats` (one sync) and returns it."""
         for name, pending in (("forced", self._pending_forced), ("unsafe", self._pending_unsafe)):
             if pending:
-                total = int(torch.stack([t.reshape(()).long() for t in pending]).sum())
+                tensors = [torch.as_tensor(t) for t in pending]
+                device = tensors[-1].device
+                total = int(torch.stack([t.to(device).reshape(()).long() for t in tensors]).sum())
                 setattr(self.stats, name, getattr(self.stats, name) + total)
                 pending.clear()
         return self.stats
@@ -240,43 +243,19 @@ def active_site() -> Optional[_Site]:
 
 # -- signs: ReLU and LeakyReLU -------------------------------------------------------------
 
-def _row_rms(x: Tensor) -> Tensor:
-    if x.dim() == 0:
-        return x.detach().abs().reshape(1)
-    width = max(1, x.shape[-1])
-    return torch.linalg.vector_norm(x.detach(), dim=-1, keepdim=True) / math.sqrt(width)
+def record_signs(site: _Site, shape: tuple, positions: Tensor, positive: Tensor,
+                 margins: Tensor) -> None:
+    """Records a ReLU's sign choices near 0 (flat positions, ascending; the forward's
+    ``x > 0`` there; their margins ``|x| / rms(row)``)."""
+    numel = math.prod(shape)
+    site.put(_SignRecord(tuple(shape), positions.to(_index_dtype(numel)), positive, margins))
+    site.tape.stats.choices += numel
 
 
-def replay_signs(x: Tensor) -> Optional[Tensor]:
-    """For a ReLU-like op of ``x``: in a replaying branch, the mask of elements to treat as
-    positive (the rebuilt ``x > 0``, with the forward's recorded choices forced); in a recording
-    branch, records the small-margin elements and returns None; outside a chain, None."""
-    site = active_site()
-    if site is None:
-        return None
-    x = x.detach()
-    rms = _row_rms(x)
-    near_limit = site.margin * rms
-    if not site.replay:
-        near = (x.abs() <= near_limit).reshape(-1)
-        positions = near.nonzero().squeeze(1)
-        values = x.reshape(-1)[positions]
-        width = x.shape[-1] if x.dim() else 1
-        margins = values.abs() / rms.reshape(-1)[positions // max(1, width)]
-        site.put(_SignRecord(tuple(x.shape), positions.to(_index_dtype(x.numel())), values > 0,
-                             margins))
-        site.tape.stats.choices += x.numel()
-        return None
-    record = site.take(_SignRecord, tuple(x.shape))
-    # ~(x <= 0), not x > 0: NaN passes through, as torch.relu lets it.
-    mask = ~(x <= 0)
-    flat = mask.view(-1)
-    at = record.positions.long()
-    site.tape.count(forced=(flat[at] != record.positive).sum())
-    flat[at] = record.positive
-    unsafe = (x.abs() <= 0.5 * near_limit).reshape(-1)
-    site.tape.count(unsafe=unsafe.sum() - unsafe[at].sum())
-    return mask
+def recorded_signs(site: _Site, shape: tuple) -> tuple[Tensor, Tensor]:
+    """The next recorded sign choices: flat positions (int64) and the forward's ``x > 0``."""
+    record = site.take(_SignRecord, tuple(shape))
+    return record.positions.long(), record.positive
 
 
 # -- selections: the group top-k ------------------------------------------------------------
