@@ -187,13 +187,17 @@ def _machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit}
 
 
+def _ran(results: dict, part: str) -> str:
+    m = results.get(f"machine_{part}") or results.get("machine", {})
+    return (f"`python benchmarks/bench_exactness.py --parts {part}` at commit {m.get('commit')}, "
+            f"on {m.get('cores')} CPU cores ({m.get('cpu')}), torch {m.get('torch')}, "
+            f"{m.get('threads')} torch thread(s).\n")
+
+
 def _markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = [f"# Exactness at depth: measured\n",
-             f"`python benchmarks/bench_exactness.py` at commit {m['commit']}, on "
-             f"{m['cores']} CPU cores ({m['cpu']}), torch {m['torch']}.\n"]
+    lines = ["# Exactness at depth: measured\n"]
     if results.get("depth"):
-        lines += ["## Gradients against storing everything (float32)\n",
+        lines += ["## Gradients against storing everything (float32)\n", _ran(results, "depth"),
                   "Relative error of the first block's parameter gradients and of the input "
                   "gradient; guard = `replay_margin` 1e-4 and `anchors=\"auto\"` (default) or "
                   "both off.\n",
@@ -208,7 +212,7 @@ def _markdown(results: dict) -> str:
                 f"{r.get('flips_prevented', '')} | {r.get('unsafe', '')} |")
         lines.append("")
     if results.get("memory"):
-        lines += ["## What the guard keeps (one training step)\n",
+        lines += ["## What the guard keeps (one training step)\n", _ran(results, "memory"),
                   "| circuit | blocks | config | chain keeps without guard | replay | anchors | "
                   "probe rows | guard / chain | flips prevented | unsafe |",
                   "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
@@ -222,7 +226,7 @@ def _markdown(results: dict) -> str:
         lines.append("")
     if results.get("time"):
         r = results["time"][0]
-        lines += ["## Step time of the guard\n",
+        lines += ["## Step time of the guard\n", _ran(results, "time"),
                   f"{r['circuit']} ({r['nodes']} nodes), {r['depth']} blocks, width {r['width']}, "
                   f"median of {r['steps']} alternating steps each: guard on {r['guard_on_s']:.2f} s,"
                   f" off {r['guard_off_s']:.2f} s, ratio **{r['ratio']:.3f}**.\n"]
@@ -242,10 +246,16 @@ def main() -> None:
     args = parser.parse_args()
     args.depths = [int(d) for d in args.depths.split(",")]
     parts = args.parts.split(",")
-    results = {"machine": _machine()}
+    # Parts not run now keep what an earlier run into the same folder measured.
+    path = os.path.join(args.out, "results.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
     for name, run in (("depth", part_depth), ("memory", part_memory), ("time", part_time)):
         if name in parts:
             results[name] = run(args)
+            results[f"machine_{name}"] = _machine()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

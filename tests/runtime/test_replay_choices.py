@@ -250,3 +250,48 @@ def test_bad_margin_is_refused():
     for bad in (-1e-4, float("nan"), float("inf"), "1e-4"):
         with pytest.raises(ValueError, match="replay margin"):
             ChoiceTape(bad)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+def test_native_replayed_relu_equals_its_torch_reference(slope):
+    from gsr_compiler.runtime.native import (native_relu_covers, native_relu_record,
+                                             native_relu_replay)
+    from gsr_compiler.runtime.replayed_relu import relu_record_reference, relu_replay_reference
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 24, generator=g)
+    if not native_relu_covers(x):
+        pytest.skip("no C++ compiler")
+    x[0, :5] = torch.tensor([-0.0, float("nan"), -float("inf"), float("inf"), 0.0])
+    x[1, 3] = 1e-6  # near 0 in its row
+    margin = 1e-3
+    y, rms, pos, mar = native_relu_record(x, slope, margin)
+    ry, rrms, rpos, rmar = relu_record_reference(x, slope, margin)
+    assert torch.equal(y.view(torch.int32), ry.view(torch.int32))  # bit for bit, -0.0 and NaN too
+    torch.testing.assert_close(rms[1:], rrms[1:], rtol=1e-6, atol=0)
+    assert torch.equal(pos, rpos) and 1 * 24 + 3 in pos.tolist()
+    torch.testing.assert_close(mar, rmar, rtol=1e-5, atol=1e-9)
+    forced = pos[::2]
+    positive = torch.arange(forced.numel()) % 2 == 0
+    y, _, near = native_relu_replay(x, slope, margin / 2, forced, positive)
+    ry, _, rnear = relu_replay_reference(x, slope, margin / 2, forced, positive)
+    assert torch.equal(y.view(torch.int32), ry.view(torch.int32)) and near == rnear
+
+
+def test_replayed_relu_without_native_code_gives_the_same_gradients(monkeypatch):
+    import gsr_compiler.runtime.replayed_relu as replayed
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(replayed, "native_relu_covers", lambda x: False)
+        x, moved = near_tied()
+        tape = ChoiceTape(1e-3)
+        with torch.no_grad(), tape.site(0, 0, replay=False):
+            forward = ReplayedReLU()(x)
+        tape.keep({})
+        leaf = moved.clone().requires_grad_()
+        with tape.site(0, 0, replay=True):
+            out = ReplayedReLU()(leaf)
+        out.sum().backward()
+        results.append((forward, out.detach(), leaf.grad, tape.settle().recorded))
+    (f1, o1, g1, r1), (f2, o2, g2, r2) = results
+    assert torch.equal(f1, f2) and torch.equal(o1, o2) and torch.equal(g1, g2) and r1 == r2
