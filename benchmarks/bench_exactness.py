@@ -14,6 +14,10 @@ Parts (``--parts``, comma-separated; all by default):
   anchors, probe rows) against what the chain keeps without it (its output and side inputs).
 * ``time``: step time with and without the guard at 256 blocks (width 64, a circuit of ~15k
   nodes), alternating, median of ``--steps`` steps each, in one process.
+* ``autocast``: the chain input's rebuild error, measured by the chain, in float32 and under CPU
+  bfloat16 autocast, at the ``--depths`` of ``depth``.
+
+Parts run into a folder that holds an earlier ``results.json`` replace only their own section.
 
     python benchmarks/bench_exactness.py --out docs/bench/exactness
     python benchmarks/bench_exactness.py --parts depth --depths 128 --out /tmp/exactness
@@ -108,6 +112,32 @@ def part_depth(args) -> list[dict]:
                    **gradient_errors(model, x, edge_index, target, **options)}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    return rows
+
+
+def part_autocast(args) -> list[dict]:
+    """The rebuilt chain input's error in float32 and under CPU bfloat16 autocast (no reference
+    needed: the chain measures it on its kept probe rows)."""
+    rows = []
+    x, edge_index, target = random_graph(2000, 8000)
+    for depth in args.depths:
+        for label, k in (("dense", None), ("k=g/2", 8)):
+            for precision in ("float32", "bfloat16 autocast"):
+                torch.manual_seed(0)
+                model = ResidualGNN(8, 32, 1, depth, conv="sage", dropout=0.1)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", GSRPrecisionWarning)
+                    gsr = gsr_compile(model, example_inputs=(x, edge_index), sparse_k=k)
+                    with torch.autocast("cpu", dtype=torch.bfloat16,
+                                        enabled=precision != "float32"):
+                        out = gsr(x, edge_index)
+                    ((out.float() - target) ** 2).mean().backward()
+                p = chain_of(gsr).last_precision
+                row = {"depth": depth, "config": label, "precision": precision,
+                       "rebuild_error": p.errors.get(0), "predicted": p.predicted.get(0),
+                       "anchors": len(p.anchors), "unsafe": p.replay.unsafe}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     return rows
 
 
@@ -230,12 +260,24 @@ def _markdown(results: dict) -> str:
                   f"{r['circuit']} ({r['nodes']} nodes), {r['depth']} blocks, width {r['width']}, "
                   f"median of {r['steps']} alternating steps each: guard on {r['guard_on_s']:.2f} s,"
                   f" off {r['guard_off_s']:.2f} s, ratio **{r['ratio']:.3f}**.\n"]
+    if results.get("autocast"):
+        lines += ["## Rebuilt chain input, float32 and bfloat16 autocast\n",
+                  _ran(results, "autocast"),
+                  "`rms(rebuilt - exact) / rms(exact)` of the chain input at the end of the "
+                  "backward (64 probe rows), default options.\n",
+                  "| blocks | config | precision | rebuilt input error | predicted | anchors | "
+                  "unsafe |", "|--:|---|---|--:|--:|--:|--:|"]
+        for r in results["autocast"]:
+            lines.append(f"| {r['depth']} | {r['config']} | {r['precision']} | "
+                         f"{r['rebuild_error']:.1e} | {r['predicted']:.1e} | {r['anchors']} | "
+                         f"{r['unsafe']} |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="depth,memory,time")
+    parser.add_argument("--parts", default="depth,memory,time,autocast")
     parser.add_argument("--depths", default="128,512,1000")
     parser.add_argument("--circuit", default="b18_Cg")
     parser.add_argument("--memory-depth", type=int, default=256)
@@ -252,7 +294,8 @@ def main() -> None:
     if os.path.exists(path):
         with open(path) as f:
             results = json.load(f)
-    for name, run in (("depth", part_depth), ("memory", part_memory), ("time", part_time)):
+    for name, run in (("depth", part_depth), ("memory", part_memory), ("time", part_time),
+                      ("autocast", part_autocast)):
         if name in parts:
             results[name] = run(args)
             results[f"machine_{name}"] = _machine()

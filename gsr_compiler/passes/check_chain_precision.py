@@ -9,7 +9,8 @@ Two things make a chain's rebuilt inputs drift further than replay and anchors c
   store-everything reference): 2 channels 7e-4 at 8 blocks and 0.14 at 64; 4 channels 5e-6 and
   4e-5; 8 or more at most 2e-6 at 64 blocks. Below :data:`MIN_NORM_CHANNELS` it warns.
 * **A 16-bit chain.** float16 and bfloat16 round at 1e-3 and 8e-3: the rebuilt inputs lose most of
-  their bits within a few blocks. Keep the chain in float32.
+  their bits within a few blocks. Keep the chain in float32. (Under ``torch.autocast`` the chain
+  keeps its state in float32 by itself and runs only the branches in 16 bits: no warning.)
 
 Findings go to ``node.meta["gsr_precision"]`` of the chain's node, to ``notes`` (``explain()``)
 and, once per message, to a :class:`~gsr_compiler.errors.GSRPrecisionWarning`.
@@ -77,7 +78,9 @@ def _findings(name: str, node: fx.Node, chain: ReversibleChain) -> list[str]:
     meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) \
         else None
     dtype = getattr(meta, "dtype", None)
-    if dtype in _SIXTEEN_BIT:
+    # Traced under autocast: the chain keeps its state in float32 at run time (16-bit branches).
+    under_autocast = any(torch.is_autocast_enabled(t) for t in ("cpu", "cuda"))
+    if dtype in _SIXTEEN_BIT and not under_autocast:
         found.append(
             f"{name}: the chain runs in {dtype}; rebuilding block inputs in 16-bit arithmetic "
             "loses most of their bits within a few blocks, so its gradients drift. Keep the "

@@ -40,10 +40,11 @@ from torch import Tensor, nn
 from .first_order import first_order_only
 from ..errors import GSRPrecisionWarning
 from .arena.coupling_arena import CouplingScratch
+from .autocast_state import autocast_enabled, capture_autocast, restored_autocast
 from .choices import ChoiceTape
 from .drift import (AnchorPolicy, AnchorSetting, ChainPrecision, ForwardGuard, block_margins,
-                    check_anchors, drift_findings, recording_margins, relative_error,
-                    unit_roundoff)
+                    check_anchors, drift_findings, exact_patch, recording_margins,
+                    relative_error, unit_roundoff)
 from .gradient_slots import GradientSlots
 from .kernels import coupling_add_, coupling_sub_, use_triton
 from .replay import draw_seed, frozen_running_stats, seeded
@@ -137,6 +138,7 @@ class ReversibleChain(nn.Module):
             raise ValueError(
                 f"chain input has {x.shape[-1]} channels, not divisible by groups={self.groups}"
             )
+        x = _state_input(x)
         params = [p for p in self._all_parameters() if p.requires_grad]
         side_tensors = [s for s in side_inputs if isinstance(s, Tensor)]
         needs_grad = torch.is_grad_enabled() and (
@@ -157,6 +159,7 @@ class ReversibleChain(nn.Module):
         them as :meth:`forward` does, from the global generator)."""
         if seeds is None:
             seeds = self._draw_seeds()
+        x = _state_input(x)
         G, devices = self.groups, [x.device]
         for i, block in enumerate(self.blocks):
             extra = self._block_inputs(i, side_inputs)
@@ -273,11 +276,23 @@ class ReversibleChain(nn.Module):
             extra = self._block_inputs(i, side_inputs)
             prev = _sum(xs[1:], into=y0, kernels=kernels)
             ys = []
+            patched = 0
             for j, f in enumerate(block):
                 with seeded(seeds[i][j], devices), _site(tape, i, j, False, recording[i]):
                     out = f(prev, *extra)
+                # A 16-bit output (autocast) into the float32 state: keep what the backward's
+                # subtraction would not give back, so that it rebuilds the state exactly.
+                patch = guard is not None and out.dtype != xs[j].dtype \
+                    and out.dtype in (torch.float16, torch.bfloat16)
+                before = xs[j].clone() if patch else None
                 prev = _add(xs[j], out, into=None if state is None else state[j], kernels=kernels)
+                if patch:
+                    guard.patches[(i, j)] = exact_patch(before, prev, out)
+                    patched += 1
+                    del before
                 ys.append(prev)
+            if guard is not None:
+                guard.policy.note_exact(i, patched == len(block))
             xs = ys
         # A fresh tensor: the output is saved for backward and handed on; it must outlive
         # this call's scratch.
@@ -296,6 +311,15 @@ class ReversibleChain(nn.Module):
         policy = AnchorPolicy(getattr(self, "anchors", None), list(x.chunk(self.groups, dim=-1)),
                               unit_roundoff(x.dtype), getattr(self, "drift_tolerance", 1e-3) / 2)
         return ForwardGuard(policy)
+
+
+def _state_input(x: Tensor) -> Tensor:
+    """The chain input as the coupling state: under autocast a 16-bit input is kept and rebuilt
+    in float32 (the branches still run in the autocast dtype), since rebuilding block inputs by
+    subtraction in 16-bit arithmetic loses most of their bits within a few blocks."""
+    if x.dtype in (torch.float16, torch.bfloat16) and autocast_enabled(x.device):
+        return x.float()
+    return x
 
 
 def _site(tape: Optional[ChoiceTape], block: int, group: int, replay: bool,
@@ -339,10 +363,11 @@ def _coupling(a: Tensor, b: Tensor, into: Optional[Tensor], kernels: bool,
               subtract: bool) -> Tensor:
     if into is not None:
         _check_into(into, a, b)
-    # The kernel writes through raw pointers, which autograd cannot record, and does not
-    # broadcast: anything but equal shapes outside autograd takes torch's path.
-    if kernels and a.shape == b.shape and not (torch.is_grad_enabled()
-                                               and (a.requires_grad or b.requires_grad)):
+    # The kernel writes through raw pointers, which autograd cannot record, and neither
+    # broadcasts nor promotes: anything but equal shapes and dtypes outside autograd (a 16-bit
+    # branch output under autocast, say) takes torch's path.
+    if kernels and a.shape == b.shape and a.dtype == b.dtype and not (
+            torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         if into is None:
             into = torch.empty(a.shape, dtype=torch.result_type(a, b), device=a.device)
         update = coupling_sub_ if subtract else coupling_add_
@@ -379,6 +404,7 @@ class _ReversibleChainFunction(torch.autograd.Function):
         ctx.chain = chain
         ctx.params = rest[n_side:]
         ctx.seeds = seeds
+        ctx.autocast = capture_autocast(x.device)
         ctx.n_side = n_side
         ctx.tape = tape
         ctx.side_is_tensor = [isinstance(s, Tensor) for s in side_inputs]
@@ -390,6 +416,8 @@ class _ReversibleChainFunction(torch.autograd.Function):
         ctx.predicted = None if fwd_guard is None else fwd_guard.predicted
         guard = [] if fwd_guard is None else [probe_at, probe]
         guard += [t for i in ctx.anchor_blocks for t in kept[i]]
+        ctx.patch_keys = [] if fwd_guard is None else sorted(fwd_guard.patches)
+        guard += [t for key in ctx.patch_keys for t in fwd_guard.patches[key]]
         ctx.verify = bool(getattr(chain, "verify", False))
         if ctx.verify:
             guard.append(x.detach())
@@ -409,11 +437,14 @@ class _ReversibleChainFunction(torch.autograd.Function):
         guard = list(saved[first_guard:first_guard + ctx.n_guard])
         if tape is not None:
             tape.load(list(saved[first_guard + ctx.n_guard:]))
-        anchors = {}
+        anchors, patches = {}, {}
         if guard:
             G = chain.groups
             for n, i in enumerate(ctx.anchor_blocks):
                 anchors[i] = guard[2 + n * G:2 + (n + 1) * G]
+            start = 2 + len(ctx.anchor_blocks) * G
+            for n, key in enumerate(ctx.patch_keys):
+                patches[key] = guard[start + 2 * n:start + 2 * n + 2]
         tensors = iter(saved[1:1 + ctx.n_side_tensors])
         side_inputs = [next(tensors) if is_t else c
                        for is_t, c in zip(ctx.side_is_tensor, ctx.side_constants)]
@@ -435,12 +466,14 @@ class _ReversibleChainFunction(torch.autograd.Function):
                 replay=None if tape is None else tape.stats, anchors=list(ctx.anchor_blocks),
                 anchor_bytes=sum(t.numel() * t.element_size() for ts in anchors.values()
                                  for t in ts),
+                patch_bytes=sum(t.numel() * t.element_size() for ts in patches.values()
+                                for t in ts),
                 predicted={i: float(predicted[i]) for i in [0, *ctx.anchor_blocks]},
                 margins=(min(margins, default=0.0), max(margins, default=0.0)),
                 short=list(tape.short) if tape is not None else [])
         with chain._scratch("backward", y) as scratch:
             grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, slots, scratch,
-                                     anchors, precision, guard[:2])
+                                     anchors, precision, guard[:2], patches)
         if tape is not None:
             tape.settle()
         if precision is not None and ctx.verify:
@@ -456,7 +489,8 @@ class _ReversibleChainFunction(torch.autograd.Function):
 def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side_leaves: list,
                     grads_out: GradientSlots, scratch: Optional[CouplingScratch],
                     anchors: dict[int, list[Tensor]], precision: Optional[ChainPrecision],
-                    probe: list[Tensor]) -> Tensor:
+                    probe: list[Tensor],
+                    patches: Optional[dict[tuple[int, int], list[Tensor]]] = None) -> Tensor:
     """Walks the blocks last to first; accumulates the gradients of the side inputs and
     parameters in ``grads_out``; returns the gradient of the chain input. With ``scratch``,
     the rebuilt inputs go to ``scratch.state`` and the group gradients to ``scratch.grad``,
@@ -498,10 +532,13 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
                 inp = (ys[j - 1] if j > 0 else _sum(xs[1:], into=y0, kernels=kernels)
                        ).detach().requires_grad_()
                 with torch.enable_grad(), seeded(ctx.seeds[i][j], devices), \
-                        _site(ctx.tape, i, j, replay=True):
+                        _site(ctx.tape, i, j, replay=True), restored_autocast(ctx.autocast):
                     out = f(inp, *extra)
                 wrt = [inp] + [s for _, s in extra_grad] + f_params
-                grads = list(torch.autograd.grad(out, wrt, gys[j], allow_unused=True))
+                # Under autocast the branch output is 16-bit and the coupling state float32:
+                # its gradient enters the branch in the output's dtype, as autograd would pass it.
+                grads = list(torch.autograd.grad(out, wrt, gys[j].to(out.dtype),
+                                                 allow_unused=True))
                 if scratch is not None:
                     # A branch that passes its gradient through (out = inp + s) returns the
                     # arena's own view; what leaves this call must not alias the arena.
@@ -512,6 +549,9 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
                 # would bump the version of `inp`, which the branch saved.
                 xs[j] = _sub(ys[j], out.detach(), into=None if state is None else state[j],
                              kernels=kernels)
+                if patches and (i, j) in patches:  # the elements the subtraction rounds
+                    positions, values = patches[(i, j)]
+                    xs[j].view(-1)[positions.long()] = values
                 if i in anchors:  # measure the drift, then resume from the exact input
                     exact = anchors[i][j]
                     group_errors.append(_squared_norms(xs[j], exact))
@@ -551,7 +591,7 @@ def _verify(ctx, chain: ReversibleChain, x: Tensor, grad_y: Tensor, side_inputs:
     ``"input"``, each parameter's by name) against the chain run storing everything."""
     leaf = x.detach().requires_grad_()
     wanted = [p for p in params if p.requires_grad]
-    with torch.enable_grad(), frozen_running_stats(chain):
+    with torch.enable_grad(), frozen_running_stats(chain), restored_autocast(ctx.autocast):
         out = chain.forward_storing_everything(leaf, *side_inputs, seeds=ctx.seeds)
         reference = torch.autograd.grad(out, [leaf, *wanted], grad_y, allow_unused=True)
     names = {id(p): n for n, p in chain.named_parameters()}

@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .autocast_state import capture_autocast, restored_autocast
 from .first_order import first_order_only
 from .slicing import slices
 
@@ -132,6 +133,7 @@ class _RowwiseRecomputeFunction(torch.autograd.Function):
             out = _forward_in_chunks(run, x)
         ctx.run = run
         ctx.params = params
+        ctx.autocast = capture_autocast(x.device)
         ctx.save_for_backward(x)
         return out
 
@@ -145,10 +147,11 @@ class _RowwiseRecomputeFunction(torch.autograd.Function):
         param_grads: list[Tensor | None] = [None] * len(wanted)
         for rows in _row_chunks(x):
             xs = x[rows].detach().requires_grad_(needs_x)
-            with torch.enable_grad():
+            with torch.enable_grad(), restored_autocast(ctx.autocast):
                 out = ctx.run(xs)
             wrt = ([xs] if needs_x else []) + wanted
-            grads = torch.autograd.grad(out, wrt, grad_out[rows], allow_unused=True)
+            grads = torch.autograd.grad(out, wrt, grad_out[rows].to(out.dtype),
+                                        allow_unused=True)
             if needs_x:
                 grad_x[rows] = grads[0] if grads[0] is not None else 0
                 grads = grads[1:]
