@@ -64,16 +64,25 @@ def test_auto_anchors_where_the_predicted_error_passes_the_limit():
     xs = [torch.ones(100, 4), torch.ones(100, 4)]
     policy = AnchorPolicy("auto", xs, U, 5e-4)
     kept = []
-    for i in range(1, 40):  # the state doubles every block
+    policy.note_exact(0, False)
+    for i in range(1, 40):  # the state doubles every block; every update rounds
         groups = [t * 2 ** i for t in xs]
         if policy.wants(i, groups):
             kept.append(i)
+        policy.note_exact(i, False)
     assert kept, "a state growing 2x per block must get anchors"
     # between anchors the predicted error stays under the limit
     errors = predicted_errors(policy.rms + [policy.rms[-1] * 2], kept, U)
     assert errors.max() <= 5e-4 * 2 + 1e-12
     flat = AnchorPolicy("auto", xs, U, 5e-4)
+    flat.note_exact(0, False)
     assert not any(flat.wants(i, xs) for i in range(1, 1000))  # no growth, no anchor
+    # updates the backward rebuilds exactly (patched) need no anchor, however the state grows
+    patched = AnchorPolicy("auto", xs, U, 5e-4)
+    for i in range(1, 40):
+        patched.note_exact(i - 1, True)
+        assert not patched.wants(i, [t * 2 ** i for t in xs])
+    assert patched.finish(xs[0] * 2 ** 40).max() == 0.0
 
 
 def test_tape_keeps_only_the_choices_below_each_blocks_margin():
