@@ -36,6 +36,26 @@ def test_float32_matches_f_linear():
     torch.testing.assert_close(compressed_linear(c, w, b), F.linear(c.to_dense(), w, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_runs_in_its_dtype_as_f_linear(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 64, generator=g, requires_grad=True)
+    lin = torch.nn.Linear(64, 48)
+    up = torch.randn(300, 48, generator=g)
+    results = []
+    for compressed in (True, False):
+        with torch.autocast("cpu", dtype=dtype):
+            c = group_topk_compress(x, 2, 16)
+            out = compressed_linear(c, lin.weight, lin.bias) if compressed else lin(c.to_dense())
+        results.append((out, torch.autograd.grad(out, [x, *lin.parameters()], up.to(dtype))))
+    (out, grads), (ref, ref_grads) = results
+    assert out.dtype == ref.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads, ref_grads):  # gradients come back in each input's own dtype
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("g,k", [(8, 1), (8, 3)])
 def test_gradcheck(g, k):
     x = torch.randn(6, 2 * g, dtype=torch.float64, requires_grad=True)

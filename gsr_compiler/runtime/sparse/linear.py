@@ -110,4 +110,12 @@ def compressed_linear(c: CompressedActivation, weight: Tensor, bias: Optional[Te
     if weight.dtype != c.dtype or (bias is not None and bias.dtype != c.dtype):
         raise ValueError(f"compressed_linear: weight/bias dtype must match the activation dtype {c.dtype}, "
                          f"got {weight.dtype}" + (f"/{bias.dtype}" if bias is not None else ""))
-    return _CompressedLinear.apply(c.values, c.indices, weight, bias, c.group)
+    values = c.values
+    device_type = values.device.type
+    if torch.is_autocast_enabled(device_type) and values.is_floating_point():
+        # As F.linear under autocast, which has no rule for this op: the product runs in the
+        # autocast dtype (the casts are differentiable; gradients come back in each dtype).
+        dtype = torch.get_autocast_dtype(device_type)
+        values, weight = values.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return _CompressedLinear.apply(values, c.indices, weight, bias, c.group)
