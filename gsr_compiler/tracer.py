@@ -26,6 +26,7 @@ and, for the whole trace, in ``graph_module.meta["gsr_trace"]`` (:class:`TraceFi
 from __future__ import annotations
 
 import builtins
+import difflib
 import inspect
 import operator
 import os
@@ -196,6 +197,19 @@ def describe(expression: tuple) -> str:
     return repr(expression)
 
 
+def _node_source(node: fx.Node) -> str:
+    """A short Python-like rendering of a traced node (``batch.max()``)."""
+    def arg(a):
+        return a.name if isinstance(a, fx.Node) else repr(a)
+    if node.op == "call_method":
+        rest = ", ".join(arg(a) for a in node.args[1:])
+        return f"'{arg(node.args[0])}.{node.target}({rest})'"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        return f"'{name}({', '.join(arg(a) for a in node.args)})'"
+    return f"'{node.name}'"
+
+
 class _SpecializingProxy(fx.Proxy):
     """A Proxy that Python may use as an int (``range(x.shape[1])``), decided at trace time."""
 
@@ -291,8 +305,9 @@ class GSRTracer(fx.Tracer):
             expression = self._expression(proxy.node)
         except _NotConcrete:
             raise fx.proxy.TraceError(
-                f"the value of '{proxy.node.format_node()}' depends on tensor data and is "
-                f"used as a Python {as_type.__name__} (control flow, range(), int())"
+                f"{_node_source(proxy.node)} depends on tensor values (not only on shapes, "
+                f"flags and grad mode) and is used as a Python {as_type.__name__} (in control "
+                "flow, range() or int())"
             ) from None
         value = evaluate(expression, self.inputs, self.root)
         if isinstance(value, torch.Size):
@@ -491,15 +506,17 @@ def _user_frame_of_stack() -> str | None:
 
 def check_leaf_modules(model: nn.Module, leaf_modules: tuple) -> None:
     """Raises when ``GSRConfig.leaf_modules`` names a module ``model`` does not have."""
-    names = {n for n, _ in model.named_modules() if n}
-    missing = [n for n in leaf_modules if isinstance(n, str) and n not in names]
-    if missing:
-        some = ", ".join(sorted(names)[:12]) + (", ..." if len(names) > 12 else "")
-        raise GSRCompileError(
-            f"leaf_modules names {', '.join(repr(m) for m in missing)}, which "
-            f"{'is' if len(missing) == 1 else 'are'} not a submodule of {type(model).__name__}; "
-            f"give qualified names as model.named_modules() lists them ({some}) or module types."
-        )
+    names = [n for n, _ in model.named_modules() if n]
+    for name in leaf_modules:
+        if isinstance(name, str) and name not in names:
+            close = difflib.get_close_matches(name, names, n=3)
+            top = ", ".join(n for n, _ in model.named_children())
+            raise GSRCompileError(
+                f"leaf_modules names {name!r}, which is not a submodule of "
+                f"{type(model).__name__}"
+                + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else "")
+                + f"; give qualified names as model.named_modules() lists them (its children: "
+                f"{top}), or module types.")
 
 
 def trace(model: nn.Module, concrete_args: dict[str, Any],
