@@ -58,14 +58,14 @@ class DeeperGCN(nn.Module):
     """The DeeperGCN of PyG's ogbn_proteins example, in small: res+ layers that checkpoint
     their conv when the input requires grad."""
 
-    def __init__(self, depth=3):
+    def __init__(self, depth=3, dropout=0.1):
         super().__init__()
         self.layers = nn.ModuleList()
         for _ in range(depth):
             conv = GENConv(WIDTH, WIDTH, aggr="softmax", t=1.0, learn_t=True, num_layers=2,
                            norm="layer")
             self.layers.append(DeepGCNLayer(conv, nn.LayerNorm(WIDTH), nn.ReLU(), block="res+",
-                                            dropout=0.1, ckpt_grad=True))
+                                            dropout=dropout, ckpt_grad=True))
         self.head = nn.Linear(WIDTH, 3)
 
     def forward(self, x, edge_index):
@@ -86,6 +86,18 @@ def test_requires_grad_branch_is_decided_at_trace_time_and_converts():
     text = gsr.explain()
     assert "now part of a reversible chain" in text
     exact_against_store_everything(gsr, (x, edge_index))
+
+
+def test_unconverted_deepgcn_keeps_its_checkpoints_and_equals_eager():
+    torch.manual_seed(0)
+    model = DeeperGCN(dropout=0.0).double()
+    inputs = random_graph()
+    gsr = eager_and_compiled_agree(model, inputs, min_chain_blocks=10)
+    assert gsr.explain().count("kept checkpointed") == 2
+    assert saved_bytes_of_step(gsr, inputs) <= saved_bytes_of_step(model, inputs)
+    model.eval(), gsr.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gsr(*inputs), model(*inputs), rtol=1e-12, atol=1e-12)
 
 
 def test_requires_grad_guard_retraces_when_grad_mode_changes():
