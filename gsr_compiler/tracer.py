@@ -318,13 +318,18 @@ class GSRTracer(fx.Tracer):
         return as_type(value)
 
     def _expression(self, node: Any) -> tuple:
+        expression = self._build_expression(node)
+        if isinstance(node, fx.Node):  # only nodes that were decided, never a layer call
+            self._evaluated.add(node)
+        return expression
+
+    def _build_expression(self, node: Any) -> tuple:
         if isinstance(node, (list, tuple)):
             return ("tuple", tuple(self._expression(n) for n in node))
         if not isinstance(node, fx.Node):
             if isinstance(node, (torch.Tensor, nn.Module)):
                 raise _NotConcrete
             return ("const", node)
-        self._evaluated.add(node)
         if node.op == "placeholder":
             if node.target not in self.inputs:
                 raise _NotConcrete
