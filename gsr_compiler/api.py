@@ -1,6 +1,7 @@
 """``gsr_compile``: the entry point, and the module it returns."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from typing import Any, Iterator
@@ -34,7 +35,9 @@ from .runtime.kernels import BackendChoice, choose_backend
 from .runtime.native import native_topk_available, native_topk_status
 from .runtime.reversible import ReversibleChain
 from .runtime.sparse import GroupTopK, GroupTopKCompress
-from .tracer import split_call_arguments, trace
+from .passes.restore_checkpoints import RestoreCheckpoints
+from .tracer import (_ALREADY_REVERSIBLE, TraceFindings, check_leaf_modules,
+                     split_call_arguments, trace)
 
 _CONCRETE_TYPES = (type(None), bool, int, float, str)
 
@@ -95,32 +98,52 @@ class GSRModule(nn.Module):
 
     def _graph_for(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list]:
         source = self._source_model
-        _, concrete, _ = split_call_arguments(source, args, kwargs)
+        names, concrete, tensors = split_call_arguments(source, args, kwargs)
         bound = _bind(source, args, kwargs)
-        key = (self.training, _specialization(concrete))
-        gm = self._graphs.get(key)
-        if gm is None:
+        inputs = dict(zip(names, tensors))
+        base = _specialization(concrete)
+        key = self._cached_key(self.training, base, inputs)
+        if key is None:
             try:
-                gm = self._compile(key, concrete, bound)
+                key = self._compile(self.training, base, concrete, bound, inputs)
             except LayerFailedError as e:
                 raise _whose_failure(source, e, args, kwargs, self.training) from e.__cause__
+        gm = self._graphs[key]
         if gm.training != self.training:
             gm.train(self.training)
         self.__dict__["_last_key"] = key
         return gm, bound
 
-    def _compile(self, key, concrete: dict, values: list) -> fx.GraphModule:
+    def _cached_key(self, mode: bool, base: tuple, inputs: dict) -> tuple | None:
+        """The key of a graph traced for this mode and these non-tensor arguments whose
+        guards (facts decided at trace time: shapes, requires_grad) hold for ``inputs``."""
+        guards = self.__dict__.setdefault("_guards", {})
+        for key in self._graphs:
+            mine = guards.get(key, [])
+            if key[0] != mode or key[1][:len(base)] != base or \
+                    len(key[1]) != len(base) + len(mine):
+                continue
+            if all(g.holds(inputs, self._source_model) for g in mine):
+                return key
+        return None
+
+    def _compile(self, mode: bool, base: tuple, concrete: dict, values: list,
+                 inputs: dict) -> tuple:
+        """Traces and rewrites the model for one mode and set of non-tensor arguments;
+        returns the key the graph is stored under (``base`` plus the trace's guards)."""
         start = time.perf_counter()
-        mode = key[0]
         source = self._source_model
         check_inputs(source, list(inspect.signature(source.forward).parameters), values)
+        check_leaf_modules(source, self.config.leaf_modules)
         backend = _choose_backend(self.config.backend, values, source)
         was_training = source.training
         source.train(mode)
         try:
-            gm = trace(source, concrete)
+            gm = trace(source, concrete, inputs, self.config.leaf_modules)
         finally:
             source.train(was_training)
+        findings: TraceFindings = gm.meta["gsr_trace"]
+        key = (mode, base + tuple((f"guard: {g.description}", g.value) for g in findings.guards))
         check_edge_index(gm, values)  # after tracing: only an edge_index a PyG layer reads as is
         gm.train(mode)
         config = self.config
@@ -142,9 +165,13 @@ class GSRModule(nn.Module):
             passes.append(RecomputeRowwiseHead(self._registry))
         kernels = SelectKernelBackend(backend)
         planner = PlanActivationMemory(mode, self.coupling_arena)
-        passes += [kernels, planner]
-        _run_passes(passes, gm)
+        restore = RestoreCheckpoints()
+        passes += [kernels, planner, restore]
+        with _reversible_modules_kept_inputs(gm):
+            _run_passes(passes, gm)
         report = self._report(gm, passes, finder, mode, time.perf_counter() - start)
+        report.leaves = list(findings.leaves)
+        report.checkpoints = _checkpoint_lines(findings, restore)
         if config.strict and (report.not_converted or not report.chains):
             raise GSRCompileError(
                 "strict=True and the model was not fully converted:\n"
@@ -161,7 +188,8 @@ class GSRModule(nn.Module):
         self._graphs[key] = gm
         self._reports[key] = report
         self.__dict__.setdefault("_liveness", {})[key] = planner.liveness
-        return gm
+        self.__dict__.setdefault("_guards", {})[key] = list(findings.guards)
+        return key
 
     def _adopt(self, gm: fx.GraphModule) -> fx.GraphModule:
         """Makes ``gm`` share the parameters of the first compiled graph."""
@@ -350,6 +378,37 @@ class GSRModule(nn.Module):
         if source is not None:
             source.train(mode)
         return self
+
+
+def _checkpoint_lines(findings: TraceFindings, restore: RestoreCheckpoints) -> list[str]:
+    """What became of each ``torch.utils.checkpoint`` call of the model, for ``explain()``."""
+    lines = []
+    for record in findings.checkpoints:
+        at = f" at {record.where}" if record.where else ""
+        if not record.module:
+            lines.append(f"checkpoint of function {record.type_name}{at}: traced through and "
+                         "NOT kept (only checkpoint(module, ...) is kept); wrap the function in an "
+                         "nn.Module to keep it checkpointed")
+        elif record in restore.kept:
+            lines.append(f"'{record.module}' ({record.type_name}): kept checkpointed{at}")
+        else:
+            lines.append(f"'{record.module}' ({record.type_name}): checkpointed as written, now "
+                         f"part of a reversible chain (no checkpoint needed){at}")
+    return lines
+
+
+@contextlib.contextmanager
+def _reversible_modules_kept_inputs(gm: fx.GraphModule) -> Iterator[None]:
+    """PyG's invertible modules free their input's storage on every call; the passes run
+    the graph on the caller's tensors, so run them plainly (``disable``: same outputs)."""
+    modules = [m for m in gm.modules() if isinstance(m, _ALREADY_REVERSIBLE) and not m.disable]
+    for m in modules:
+        m.disable = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.disable = False
 
 
 def _cpu_topk(gm: fx.GraphModule) -> str | None:

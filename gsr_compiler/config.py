@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from torch import nn
+
 from .errors import GSRCompileError
 from .runtime.drift import check_anchors
 from .runtime.kernels import BACKENDS
@@ -72,6 +74,11 @@ class GSRConfig:
             warns above ``drift_tolerance``). It costs the plain model's memory and time: turn
             it on to check a model, not to train it. For a one-off check of the whole model
             use ``gsr_model.verify_gradients(...)``.
+        leaf_modules: submodules to keep whole: called as written, never traced into nor
+            converted. Module types (``AtomEncoder``) or qualified names as
+            ``model.named_modules()`` gives them (``"encoder"``, ``"layers.3"``). Submodules whose
+            tracing fails are kept whole anyway (a graph break, listed by ``explain()``); name
+            one here to keep it whole from the start.
     """
 
     groups: int = 2
@@ -86,8 +93,10 @@ class GSRConfig:
     anchors: str | int | None = "auto"
     drift_tolerance: float = 1e-3
     verify: bool = False
+    leaf_modules: tuple = ()
 
     def __post_init__(self) -> None:
+        self._check_leaf_modules()
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise GSRCompileError(
                 f"backend={self.backend!r}: must be one of "
@@ -139,6 +148,23 @@ class GSRConfig:
                 f"sparse_k={self.sparse_k} must be in 1..sparse_group={self.sparse_group} "
                 "(it is the number of values kept out of each group of sparse_group channels)."
             )
+
+    def _check_leaf_modules(self) -> None:
+        leaves = self.leaf_modules
+        if isinstance(leaves, (str, type)):
+            leaves = (leaves,)
+        if not isinstance(leaves, (tuple, list, set, frozenset)):
+            raise GSRCompileError(
+                f"leaf_modules={self.leaf_modules!r}: must be a list of module types or qualified "
+                "module names, e.g. leaf_modules=[AtomEncoder, 'layers.3'].")
+        for leaf in leaves:
+            if not (isinstance(leaf, str) and leaf) and not (
+                    isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+                raise GSRCompileError(
+                    f"leaf_modules contains {leaf!r}: each entry must be an nn.Module subclass or "
+                    "a qualified module name (a non-empty str such as 'encoder' or 'layers.3').")
+        # frozen: normalize through object.__setattr__ so configs compare and hash alike
+        object.__setattr__(self, "leaf_modules", tuple(leaves))
 
     def guard_options(self) -> dict:
         """The reversible chains' constructor arguments for replay, anchors and drift."""

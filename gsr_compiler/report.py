@@ -141,6 +141,8 @@ class CompileReport:
     memory: MemoryPlanReport | None = None
     backend: KernelBackendReport | None = None
     precision: PrecisionReport | None = None
+    leaves: list = field(default_factory=list)       # tracer.LeafRecord: modules kept whole
+    checkpoints: list[str] = field(default_factory=list)  # what became of checkpoint() calls
 
     @property
     def converted(self) -> bool:
@@ -174,7 +176,13 @@ class CompileReport:
                 "a different function and must be trained (weights were not transferred)."
             )
         else:
-            lines.append("no residual chain was converted; the model runs unchanged.")
+            lines.append("no residual chain was converted; the model runs as written.")
+        if self.leaves:
+            lines.append("kept whole (called as written, not traced into nor converted):")
+            lines += [f"  {leaf.describe()}" for leaf in self.leaves]
+        if self.checkpoints:
+            lines.append("torch.utils.checkpoint calls:")
+            lines += [f"  {c}" for c in self.checkpoints]
         if self.not_converted:
             lines.append("not converted:")
             for where, why in self.not_converted:
