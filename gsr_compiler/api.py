@@ -16,6 +16,7 @@ from .input_errors import check_edge_index, check_inputs
 from .passes.branch_dropout import BranchDropoutPass
 from .passes.check_chain_precision import CheckChainPrecision
 from .passes.recompute_rowwise_head import RecomputeRowwiseHead
+from .passes.eliminate_dead_code import EliminateDeadCode
 from .passes.find_residual_chains import FindResidualChains
 from .passes.functional_dropout_to_module import FunctionalDropoutToModule
 from .passes.group_sparse_activation import GroupSparseActivation
@@ -151,6 +152,7 @@ class GSRModule(nn.Module):
         passes = [
             FunctionalDropoutToModule(mode),
             RemoveNoOps(),
+            EliminateDeadCode(),
             PropagateShapes([v for v in values]),
             finder,
             ReversibleRewrite(finder, config.groups, self._registry, config.guard_options()),

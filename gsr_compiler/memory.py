@@ -15,10 +15,12 @@ A step is forward, loss and backward.
 """
 from __future__ import annotations
 
-import io
-import multiprocessing as mp
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -161,58 +163,59 @@ def measure_step(model: nn.Module, inputs: Sequence, target=None,
     return result
 
 
-def _child(payload: bytes, timing_steps: int, queue) -> None:
+def _import_path() -> list[str]:
+    """The caller's module search path, so that the child imports the same packages (and
+    the modules beside the caller's script) but never the script itself."""
+    return [p if p else os.getcwd() for p in sys.path]
+
+
+def _save_payload(payload: tuple, path: str) -> None:
+    """Writes model, inputs, target and loss to ``path``. With cloudpickle, what is defined in
+    the caller's ``__main__`` (a model class or a lambda loss in a script) is pickled by value,
+    so the child never has to run the script to find it; the rest by reference, as usual."""
     try:
-        torch.set_num_threads(int(os.environ.get("GSR_CHILD_THREADS", torch.get_num_threads())))
-        model, inputs, target, loss_fn = torch.load(io.BytesIO(payload), weights_only=False)
-        queue.put(asdict(measure_step(model, inputs, target, loss_fn, timing_steps)))
-    except BaseException as e:  # report, do not hang the parent
-        queue.put({"error": f"{type(e).__name__}: {e}"})
+        import cloudpickle
+    except ImportError:  # pragma: no cover - cloudpickle is a dependency
+        cloudpickle = None
+    if cloudpickle is not None:
+        torch.save(payload, path, pickle_module=cloudpickle)
+    else:
+        torch.save(payload, path)
 
 
 def measure_step_in_subprocess(model: nn.Module, inputs: Sequence, target=None,
                                loss_fn: Callable = default_loss, timing_steps: int = 3,
                                mmap_threshold: int | None = None) -> StepMeasurement:
-    """Runs :func:`measure_step` in a fresh (spawned) Python process."""
-    buffer = io.BytesIO()
-    torch.save((model, list(inputs), target, loss_fn), buffer)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    saved_env = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    if mmap_threshold is not None:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    try:
-        proc = ctx.Process(target=_child, args=(buffer.getvalue(), timing_steps, queue))
-        proc.start()
-    finally:
-        if saved_env is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved_env
-    try:
-        data = _result_or_death(queue, proc)
-    finally:
-        proc.join()
-    return StepMeasurement(**data)
+    """Runs :func:`measure_step` in a fresh Python process (``gsr_compiler.memory_child``).
 
-
-def _result_or_death(queue, proc, poll_seconds: float = 0.5) -> dict:
-    """The child's result, or an error once the child has died without sending one
-    (killed by the out-of-memory killer, a segfault): never waits forever."""
-    import queue as queue_module
-
-    while True:
-        try:
-            return queue.get(timeout=poll_seconds)
-        except queue_module.Empty:
-            if proc.is_alive():
-                continue
-        try:  # it may have sent its result just before exiting
-            return queue.get(timeout=poll_seconds)
-        except queue_module.Empty:
-            code = proc.exitcode
-            why = "; killed by a signal, often the out-of-memory killer" if (code or 0) < 0 else ""
-            return {"error": f"the measuring subprocess died (exit code {code}{why})"}
+    The model travels through a temporary file, not a pipe, and the child is a new
+    interpreter that does not import the caller's script: this works from a script without
+    an ``if __name__ == "__main__":`` guard. When the child dies without a result (killed by
+    the out-of-memory killer, a crash), the measurement carries the error at once.
+    """
+    with tempfile.TemporaryDirectory(prefix="gsr-measure-") as tmp:
+        payload = os.path.join(tmp, "step.pt")
+        result = os.path.join(tmp, "result.json")
+        log = os.path.join(tmp, "stderr.txt")
+        _save_payload((model, list(inputs), target, loss_fn), payload)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(_import_path()))
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        if mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+        with open(log, "wb") as err:
+            code = subprocess.run(
+                [sys.executable, "-m", "gsr_compiler.memory_child", payload, result,
+                 str(timing_steps)],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            ).returncode
+        if os.path.exists(result):
+            with open(result) as f:
+                return StepMeasurement(**json.load(f))
+        with open(log, errors="replace") as f:
+            tail = f.read()[-2000:].strip()
+    why = "; killed by a signal, often the out-of-memory killer" if code < 0 else ""
+    return StepMeasurement(error=f"the measuring subprocess died (exit code {code}{why})"
+                           + (f":\n{tail}" if tail else ""))
 
 
 @dataclass
@@ -267,9 +270,10 @@ class MemoryComparison:
         return "\n".join(lines + self.notes)
 
 
-def _measure(model, inputs, target, loss_fn, timing_steps, subprocess: bool) -> StepMeasurement:
+def _measure(model, inputs, target, loss_fn, timing_steps, in_subprocess: bool
+             ) -> StepMeasurement:
     on_cuda = any(isinstance(t, Tensor) and t.is_cuda for t in inputs)
-    if on_cuda or not subprocess:
+    if on_cuda or not in_subprocess:
         return measure_step(model, inputs, target, loss_fn, timing_steps)
     m = measure_step_in_subprocess(model, inputs, target, loss_fn, timing_steps)
     if m.error is None:

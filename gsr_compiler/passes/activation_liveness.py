@@ -28,7 +28,11 @@ for the inside of layers.
 Sizes are symbolic: the first dimension of a shape that equals the traced node count N (else
 the edge count E) scales with it; other dimensions are constants. N is the first dimension of
 the first chain's input (else of the first floating-point input), E the last dimension of the
-first integer input of shape ``[2, E]`` (``edge_index``). Inside a chain's branches the layers
+first integer input of shape ``[2, E]`` (``edge_index``), else the number of stored entries of
+the first sparse adjacency input (``adj_t``, ``node.meta["gsr_num_edges"]`` from
+``PropagateShapes``). A layer that aggregates over a sparse adjacency with its own fused
+``message_and_aggregate`` (a sparse matrix product: GCN, SAGE, GIN, GraphConv) materializes no
+``[E, C]`` messages; one without it (GAT, GEN) still does. Inside a chain's branches the layers
 are narrowed to 1/G of the width, so the last dimension of a traced shape is divided by G.
 """
 from __future__ import annotations
@@ -78,6 +82,17 @@ _KEEP_OUTPUT_MODULES = (nn.ReLU, ReplayedReLU, nn.Sigmoid, nn.Tanh, GroupTopK, G
                         ReversibleChain)
 # Message-passing layers whose messages are scaled per edge, so autograd keeps them.
 _KEEPS_MESSAGES = {"GCNConv", "GATConv", "GATv2Conv", "GENConv"}
+
+
+def _fuses_messages(module) -> bool:
+    """Whether a message-passing layer has its own ``message_and_aggregate``, which PyG runs
+    for a sparse adjacency instead of building the messages."""
+    try:
+        from torch_geometric.nn import MessagePassing
+    except ImportError:  # pragma: no cover
+        return False
+    own = getattr(type(module), "message_and_aggregate", None)
+    return isinstance(module, MessagePassing) and own is not MessagePassing.message_and_aggregate
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -180,7 +195,22 @@ def graph_size(gm: fx.GraphModule) -> tuple[int, int]:
             N = t.shape[0]
         if E is None and not t.dtype.is_floating_point and len(t.shape) == 2 and t.shape[0] == 2:
             E = t.shape[1]
+    if E is None:
+        E = next((n.meta["gsr_num_edges"] for n in gm.graph.nodes
+                  if n.op == "placeholder" and "gsr_num_edges" in n.meta), None)
     return int(N or 0), int(E or 0)
+
+
+def _sparse_adjacency_only(gm: fx.GraphModule) -> bool:
+    """Whether the graph's edges come from a sparse adjacency, with no ``[2, E]`` edge_index."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not any("gsr_num_edges" in n.meta for n in placeholders):
+        return False
+    for n in placeholders:
+        t = _traced(n)
+        if t is not None and not t.dtype.is_floating_point and len(t.shape) == 2 and t.shape[0] == 2:
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +319,7 @@ class _LivenessWalk:
         self.gm = gm
         self.training = training
         self.N, self.E = graph_size(gm)
+        self.fused_sparse = _sparse_adjacency_only(gm)
         self.sizes = _Sizes(self.N, self.E)
         self.tl = _Timeline()
         self.placed: list[str] = []
@@ -359,6 +390,8 @@ class _LivenessWalk:
         m = self._module(seg, node)
         if not isinstance(m, _MESSAGE_PASSING) or not self.E or not node.args:
             return None
+        if self.fused_sparse and _fuses_messages(m):
+            return None  # a sparse matrix product: no [E, C] messages
         x = node.args[0]
         t = seg.info.get(x) if isinstance(x, fx.Node) else None
         if t is None or not t.shape:

@@ -5,9 +5,15 @@ A residual block is an addition whose one operand ``h`` is an ancestor of the ot
 the block, has the width of ``h``, and is built only of layers the width rewrite
 supports. Consecutive blocks form a chain when each block's output is consumed only by
 the next block. The pass only analyses; ``ReversibleRewrite`` changes the graph.
+
+A layer of a converted branch that reads edge features (a floating ``[E, edge_dim]``
+tensor from outside the branch, bound to the argument ``EDGE_FEATURE_ARGUMENT`` names)
+gets ``node.meta["gsr_edge_width"] = edge_dim``, which the width rewrite needs; any other
+floating feature tensor a layer reads from outside the branch makes the block unconvertible.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 
@@ -17,6 +23,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import GSRCompileError
+from .layer_types import EDGE_FEATURE_ARGUMENT, qualified_name
 from .narrow_width import NarrowingError, narrow_module
 from .propagate_shapes import node_bytes, node_shape
 
@@ -101,6 +108,54 @@ def residual_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
         return None
     return a, b
+
+
+def _bound_arguments(node: fx.Node, module) -> list[tuple[str | None, object]]:
+    """``(parameter name, value)`` of each argument of a ``call_module`` node, the name
+    ``None`` where ``forward``'s signature does not tell."""
+    try:
+        bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return [(None, a) for a in node.args] + list(node.kwargs.items())
+    named = []
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            named += [(None, v) for v in value]
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            named += list(value.items())
+        else:
+            named.append((name, value))
+    return named
+
+
+def edge_features_of(node: fx.Node, module, skip: fx.Node, in_body: set
+                     ) -> tuple[int | None, str | None]:
+    """The width of the edge features a layer of a branch reads (``None`` if it reads
+    none), or why the layer cannot be split: it reads a floating feature tensor from outside
+    the branch that is not its edge features."""
+    edge_argument = EDGE_FEATURE_ARGUMENT.get(type(module))
+    width = None
+    found: list[tuple[str | None, fx.Node]] = []
+    for name, value in _bound_arguments(node, module):
+        # Tuples such as PyG's bipartite ``(x_src, x_dst)`` hold nodes too.
+        fx.node.map_arg(value, lambda v, name=name: found.append((name, v)))
+    for name, value in found:
+        if value is skip or value in in_body:
+            continue
+        meta = value.meta.get("tensor_meta")
+        shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+        if shape is None or dtype is None or not dtype.is_floating_point or len(shape) < 2:
+            continue  # edge_index, batch, edge weights [E], scalars: not split
+        if name is not None and name == edge_argument:
+            width = int(shape[-1])
+            continue
+        what = f"argument '{name}'" if name else "an argument"
+        return None, (f"{qualified_name(type(module))} reads {what} '{value.name}' of shape "
+                      f"{tuple(shape)} from outside the branch; only the edge features of "
+                      f"{', '.join(sorted(t.__name__ for t in EDGE_FEATURE_ARGUMENT))} "
+                      "have a group-wise form")
+    return width, None
 
 
 class FindResidualChains(PassBase):
@@ -216,16 +271,12 @@ class FindResidualChains(PassBase):
     def _unsupported(self, n: fx.Node, skip: fx.Node, in_body: set) -> str | None:
         if n.op == "call_module":
             module = self._gm.get_submodule(n.target)
-            # Deep models repeat one block: try each distinct layer configuration once.
-            key = (type(module), repr(module),
-                   tuple((k, tuple(v.shape)) for k, v in module.state_dict().items()))
-            if key not in self._narrowable:
-                try:
-                    narrow_module(module, self.groups)
-                    self._narrowable[key] = None
-                except NarrowingError as e:
-                    self._narrowable[key] = str(e)
-            error = self._narrowable[key]
+            edge_width, reason = edge_features_of(n, module, skip, in_body)
+            # A layer without any width rule says so first: the most useful thing to report.
+            error = self._narrowing_error(module, None if reason else edge_width)
+            if error is None and reason is None and edge_width is not None:
+                n.meta["gsr_edge_width"] = edge_width
+            error = error or reason
             return None if error is None else f"'{n.target}': {error}"
         if n.op == "call_function" and n.target in ELEMENTWISE_FUNCTIONS or (
             n.op == "call_method" and n.target in ELEMENTWISE_METHODS
@@ -236,6 +287,19 @@ class FindResidualChains(PassBase):
             return None
         what = getattr(n.target, "__name__", str(n.target))
         return f"operation '{what}' ({n.op}) has no group-wise form"
+
+    def _narrowing_error(self, module, edge_width: int | None) -> str | None:
+        """Why ``module`` cannot be narrowed (called with edge features of ``edge_width``),
+        or None. Deep models repeat one block: each distinct configuration is tried once."""
+        key = (type(module), repr(module), edge_width,
+               tuple((k, tuple(v.shape)) for k, v in module.state_dict().items()))
+        if key not in self._narrowable:
+            try:
+                narrow_module(module, self.groups, edge_width=edge_width)
+                self._narrowable[key] = None
+            except NarrowingError as e:
+                self._narrowable[key] = str(e)
+        return self._narrowable[key]
 
     # -- chains ----------------------------------------------------------------------
 

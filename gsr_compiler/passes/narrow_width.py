@@ -7,7 +7,18 @@ hyper-parameters are kept. The copies are freshly initialized: the rewrite chang
 function, it does not reshape trained weights.
 
 Each rule is ``rule(module, groups) -> nn.Module``. A module type without a rule makes
-its block unconvertible, with the reason reported by ``explain()``.
+its block unconvertible, with the reason reported by ``explain()``. Rules match the exact
+class (``type(module)``), never its name or a subclass: a user's own ``class GENConv`` or a
+subclass with its own ``forward`` may compute something the rule does not know.
+
+Edge features are not node features: they come from outside the branch at their own
+width ``[E, edge_dim]`` and are not split into groups. A layer that reads them
+(``GINEConv``, ``GATConv``/``GATv2Conv`` with ``edge_dim``, ``GENConv``; the table
+``EDGE_FEATURE_ARGUMENT`` in ``layer_types.py``) gets, in each group's copy, its own
+projection from the full edge width to the group's width, as the authors of RevGNN give
+each group of their grouped GENConv its own edge encoder. ``narrow_module`` is told the
+edge width the layer is called with (``edge_width``) so that the copy projects exactly what
+it will receive.
 """
 from __future__ import annotations
 
@@ -15,6 +26,8 @@ import copy
 from typing import Callable
 
 from torch import nn
+
+from .layer_types import EDGE_FEATURE_ARGUMENT, qualified_name
 
 NarrowRule = Callable[[nn.Module, int], nn.Module]
 
@@ -112,9 +125,11 @@ def _prelu(m: nn.PReLU, g: int) -> nn.Module:
     return nn.PReLU(n if n == 1 else _div(n, g, "num_parameters"), init=0.25)
 
 
-def _container(m: nn.Module, g: int) -> nn.Module:
+def _container(m: nn.Module, g: int, replace: dict[str, nn.Module] | None = None) -> nn.Module:
     """Sequential / ModuleList / composite modules whose own state is channel-free:
-    narrow each child, and divide the ``*_channels`` attributes that forward may read."""
+    narrow each child, and divide the ``*_channels`` attributes that forward may read.
+    Children named in ``replace`` are set to the given modules instead (added if absent)."""
+    replace = dict(replace or {})
     for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
         if t.numel() > 1:
             raise NarrowingError(
@@ -127,10 +142,14 @@ def _container(m: nn.Module, g: int) -> nn.Module:
     new._buffers = {k: None if v is None else v.detach().clone() for k, v in m._buffers.items()}
     new._modules = {}
     for k, v in m._modules.items():
+        if k in replace:
+            new._modules[k] = replace.pop(k)
+            continue
         try:
             new._modules[k] = None if v is None else narrow_module(v, g)
         except NarrowingError as e:
             raise NarrowingError(f"{type(m).__name__}.{k}: {e}") from None
+    new._modules.update(replace)
     for attr in ("in_channels", "out_channels", "hidden_channels"):
         value = getattr(m, attr, None)
         if isinstance(value, (int, tuple)) and not isinstance(value, bool) and attr in m.__dict__:
@@ -143,6 +162,11 @@ def _container(m: nn.Module, g: int) -> nn.Module:
 
 
 # --- PyG ----------------------------------------------------------------------------
+
+#: ``rule(module, groups, edge_width) -> nn.Module`` for the layers of ``EDGE_FEATURE_ARGUMENT``.
+EdgeNarrowRule = Callable[[nn.Module, int, "int | None"], nn.Module]
+EDGE_WIDTH_RULES: dict[type, EdgeNarrowRule] = {}
+
 
 def _pyg_rules() -> dict[type, NarrowRule]:
     try:
@@ -211,12 +235,15 @@ def _pyg_rules() -> dict[type, NarrowRule]:
             train_eps=isinstance(m.eps, nn.Parameter), flow=m.flow,
         )
 
-    def gine(m, g):
+    def gine(m, g, edge_width):
+        # GINE adds the edge features to x_j. With edge_dim they pass through m.lin first;
+        # without it they must have the node width D. Either way the narrow copy projects
+        # the full edge features to D/G (its own lin).
         if m.lin is not None:
             edge_dim = m.lin.in_channels
+        elif edge_width is not None:
+            edge_dim = edge_width
         else:
-            # Without edge_dim, GINE adds edge_attr (width D) to x_j: the narrow copy
-            # needs a projection D -> D/G of the edge features.
             edge_dim = _nn_input_width(m.nn)
             if edge_dim is None:
                 raise NarrowingError("GINEConv without edge_dim and with an nn of unknown input width")
@@ -237,7 +264,12 @@ def _pyg_rules() -> dict[type, NarrowRule]:
             )
         return m.heads, _div(m.out_channels, g, "out_channels")
 
-    def gat(m, g):
+    def gat(m, g, edge_width):
+        # With edge_dim, lin_edge maps the full edge features to the copy's heads x width;
+        # without it GAT ignores edge features, narrowed or not.
+        if m.edge_dim is not None and edge_width is not None and edge_width != m.edge_dim:
+            raise NarrowingError(f"{type(m).__name__}(edge_dim={m.edge_dim}) is called with "
+                                 f"edge features of width {edge_width}")
         heads, out = gat_out(m, g)
         extra = {"share_weights": m.share_weights} if isinstance(m, pyg.GATv2Conv) else {}
         return type(m)(
@@ -246,6 +278,31 @@ def _pyg_rules() -> dict[type, NarrowRule]:
             edge_dim=m.edge_dim, fill_value=m.fill_value, bias=m.bias is not None,
             residual=m.residual, flow=m.flow, **extra,
         )
+
+    def gen(m, g, edge_width):
+        # GENConv adds edge features to x_j after its own lin_edge (edge_dim != out_channels)
+        # or as they are (then of width out_channels). Each group's copy gets its own
+        # lin_edge from the full edge width to out_channels/G, also where the original had
+        # none; the rest (MLP, aggregation, message norm, lin_src/lin_dst) is narrowed.
+        out = _div(m.out_channels, g, "out_channels")
+        lin_edge = getattr(m, "lin_edge", None)
+        edge_in = lin_edge.in_channels if lin_edge is not None else edge_width
+        if edge_width is not None and edge_width != edge_in:
+            raise NarrowingError(
+                f"GENConv with lin_edge of in_channels={edge_in} is called with edge features "
+                f"of width {edge_width}")
+        if edge_in is None:
+            return _container(m, g)
+        if lin_edge is not None:
+            bias = lin_edge.bias is not None
+        else:  # GENConv's one `bias` flag is shared by all its linear maps
+            bias = any(isinstance(x, PyGLinear) and x.bias is not None for x in m.modules())
+        return _container(m, g, {"lin_edge": PyGLinear(edge_in, out, bias=bias)})
+
+    edge_rules = {pyg.GINEConv: gine, pyg.GATConv: gat, pyg.GATv2Conv: gat, pyg.GENConv: gen}
+    if set(edge_rules) != set(EDGE_FEATURE_ARGUMENT):  # two tables that must agree
+        raise RuntimeError("layer_types.EDGE_FEATURE_ARGUMENT and the edge width rules differ")
+    EDGE_WIDTH_RULES.update(edge_rules)
 
     return {
         PyGLinear: linear,
@@ -256,11 +313,9 @@ def _pyg_rules() -> dict[type, NarrowRule]:
         pyg.SAGEConv: sage,
         pyg.GraphConv: graph_conv,
         pyg.GINConv: gin,
-        pyg.GINEConv: gine,
-        pyg.GATConv: gat,
-        pyg.GATv2Conv: gat,
-        pyg.GENConv: _container,
         pyg.MLP: _container,
+        # Rules that also take the width of the edge features the layer is called with.
+        **{t: (lambda r: lambda m, g: r(m, g, None))(r) for t, r in edge_rules.items()},
     }
 
 
@@ -309,22 +364,53 @@ def supported_module_names() -> list[str]:
                                                       for t in _SCALAR_STATE_BASES})
 
 
-def narrow_module(module: nn.Module, groups: int) -> nn.Module:
+def _no_rule_message(cls: type) -> str:
+    """Why ``cls`` has no width rule, naming it by module path, and telling apart a class
+    that only shares a supported class's name, or derives from one."""
+    message = f"no width rule for {qualified_name(cls)}"
+    namesakes = [t for t in WIDTH_RULES if t.__name__ == cls.__name__ and t is not cls]
+    bases = [t for t in WIDTH_RULES if t is not cls and issubclass(cls, t)
+             and t not in (nn.Sequential, nn.ModuleList)]
+    if namesakes:
+        message += (f" (width rules match the exact class; the supported {cls.__name__} is "
+                    f"{qualified_name(namesakes[0])}, a different class)")
+    elif bases:
+        message += (f" (a subclass of {qualified_name(bases[0])}; width rules match the exact "
+                    "class, since a subclass may change what forward computes)")
+    return message
+
+
+def narrow_module(module: nn.Module, groups: int, *, edge_width: int | None = None) -> nn.Module:
     """A fresh copy of ``module`` at 1/``groups`` of its channel width.
 
-    Raises :class:`NarrowingError` naming the module type and the supported list when
+    ``edge_width``: the width of the edge features the layer is called with (``[E,
+    edge_width]``), ``None`` if it reads none. Only the layers of
+    ``layer_types.EDGE_FEATURE_ARGUMENT`` accept edge features.
+
+    Raises :class:`NarrowingError` naming the module's class (with its module path) when
     no rule applies.
     """
-    rule = WIDTH_RULES.get(type(module))
+    cls = type(module)
+    edge_rule = EDGE_WIDTH_RULES.get(cls)
+    if edge_rule is not None:
+        new = edge_rule(module, groups, edge_width)
+        new.train(module.training)
+        return _like(new, module)
+    if edge_width is not None:
+        raise NarrowingError(
+            f"{qualified_name(cls)} is called with edge features; only "
+            f"{', '.join(sorted(t.__name__ for t in EDGE_WIDTH_RULES))} split them into groups")
+    rule = WIDTH_RULES.get(cls)
     if rule is None and isinstance(module, _SCALAR_STATE_BASES):
         rule = _scalar_state
     if rule is None and isinstance(module, (nn.Sequential, nn.ModuleList)):
         rule = _container
     if rule is None:
-        raise NarrowingError(f"no width rule for {type(module).__name__}")
+        raise NarrowingError(_no_rule_message(cls))
     new = rule(module, groups)
     new.train(module.training)
     return _like(new, module)
 
 
-__all__ = ["NarrowingError", "narrow_module", "supported_module_names", "WIDTH_RULES"]
+__all__ = ["NarrowingError", "narrow_module", "supported_module_names", "WIDTH_RULES",
+           "EDGE_WIDTH_RULES"]

@@ -6,6 +6,10 @@ BatchNorm statistics and random stream are exactly as if nothing had run. Dropou
 run in eval mode meanwhile: same shapes, without drawing a mask per layer (which is a
 large part of the pass on a deep model).
 
+A placeholder holding a sparse adjacency (a ``torch.sparse`` tensor in any sparse layout, or
+a ``torch_sparse.SparseTensor``) carries no ``tensor_meta`` shape that says how many edges it
+has: its number of stored entries goes to ``node.meta["gsr_num_edges"]``.
+
 When a layer raises, the error names that layer and its own message, with hints on the
 likely cause (``input_errors.py``), instead of torch.fx's dump of the node.
 """
@@ -81,6 +85,11 @@ class PropagateShapes(PassBase):
         finally:
             for m in dropouts:
                 m.training = True
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node, value in zip(placeholders, self.inputs):
+            edges = sparse_adjacency_edges(value)
+            if edges is not None:
+                node.meta["gsr_num_edges"] = edges
         return PassResult(gm, False)
 
     def _layer_failed(self, gm: fx.GraphModule, failed: _NodeFailed) -> LayerFailedError:
@@ -94,6 +103,16 @@ class PropagateShapes(PassBase):
             f"{describe_node(gm, failed.node)} raised {type(error).__name__}: {error}"
             + "".join(f"\n  hint: {h}" for h in hints)
         )
+
+
+def sparse_adjacency_edges(value: Any) -> int | None:
+    """The number of stored entries (edges) of a sparse adjacency, None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return int(value._nnz()) if value.layout != torch.strided else None
+    nnz = getattr(value, "nnz", None)  # torch_sparse.SparseTensor
+    if callable(nnz) and hasattr(value, "storage") and hasattr(value, "sparse_sizes"):
+        return int(nnz())
+    return None
 
 
 def node_shape(node: fx.Node) -> tuple[int, ...] | None:

@@ -32,7 +32,9 @@ def extract_branch(gm: fx.GraphModule, block: ResidualBlock, groups: int) -> fx.
         new = graph.node_copy(n, env.__getitem__)
         if n.op == "call_module":
             local = str(n.target).replace(".", "_")
-            root.add_module(local, narrow_module(gm.get_submodule(n.target), groups))
+            edge_width = n.meta.get("gsr_edge_width")  # set by FindResidualChains
+            root.add_module(local, narrow_module(gm.get_submodule(n.target), groups,
+                                                 edge_width=edge_width))
             new.target = local
         env[n] = new
     graph.output(env[block.branch])
