@@ -5,7 +5,7 @@ branch ``f`` is copied into its own small GraphModule whose layers are fresh mod
 of the width (see ``narrow_width``). A two-stream chain (``TwoStreamChain``): each block's
 branch becomes one GraphModule that calls the user's own layers (the same objects) at full
 width; those layers stay registered in the model under their own names, which keeps the
-model's ``state_dict`` keys (``SharedStateAliases``). Either way the chain's nodes are then
+model's ``state_dict`` keys (``TwoStreamChain.alias_keys``). Either way the chain's nodes are then
 replaced by a single ``call_module`` node taking the chain input and the side inputs the
 branches read (``edge_index``, ``edge_attr``, ``x0``, ``batch``, ...).
 
@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..runtime.reversible import ReversibleChain
-from ..runtime.two_stream import SharedStateAliases, TwoStreamChain
+from ..runtime.two_stream import TwoStreamChain
 from .find_residual_chains import ResidualBlock, ResidualChain
 from .narrow_width import narrow_module
 from .unused_submodules import delete_unused_submodules
@@ -88,10 +88,6 @@ class ReversibleRewrite(PassBase):
             # A two-stream chain's layers stay registered under their own names: kept, as
             # modules a used module reaches.
             delete_unused_submodules(gm)
-            streams = [name for name, c in zip(self.chain_names, chains)
-                       if c.coupling == "two-stream"]
-            if streams:
-                SharedStateAliases(streams).register(gm)
             gm.graph.lint()
             gm.recompile()
             grouped = sum(len(c.blocks) for c in chains if c.coupling == "grouped")

@@ -27,7 +27,9 @@ and drift checks are that chain's, unchanged. This module only duplicates the in
 two streams, merges them at the end and keeps the user's layers under their own names.
 
 The branches run the user's own layers (the same objects, not copies), so the parameters,
-their ``state_dict`` keys and their values are the user's; see :class:`SharedStateAliases`.
+their ``state_dict`` keys and their values are the user's: the layers stay registered in the
+model under their own names, and the chain leaves its own names for the same tensors out of
+``state_dict`` and does not miss them in ``load_state_dict`` (:meth:`TwoStreamChain.alias_keys`).
 """
 from __future__ import annotations
 
@@ -39,14 +41,16 @@ from torch import Tensor, fx, nn
 from .drift import AnchorSetting
 from .reversible import ReversibleChain
 
-__all__ = ["TwoStreamChain", "ZeroBranch", "SharedStateAliases"]
+__all__ = ["TwoStreamChain", "ZeroBranch"]
 
 
-def _zeros_like_branch(h: Tensor) -> Tensor:
-    # A leaf that takes part in autograd without depending on h: the recompute differentiates
-    # it like any branch output, and gets no gradient for anything.
-    z = torch.zeros_like(h)
-    return z.requires_grad_() if torch.is_grad_enabled() and h.requires_grad else z
+class Zeros(nn.Module):
+    """``zeros_like(h)``; with grad, a leaf that takes part in autograd without depending on
+    ``h``: the recompute differentiates it like any branch output and gets no gradient."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        z = torch.zeros_like(h)
+        return z.requires_grad_() if torch.is_grad_enabled() and h.requires_grad else z
 
 
 class ZeroBranch(fx.GraphModule):
@@ -57,8 +61,10 @@ class ZeroBranch(fx.GraphModule):
         h = graph.placeholder("h")
         for k in range(n_side):
             graph.placeholder(f"side_{k}")
-        graph.output(graph.call_function(_zeros_like_branch, (h,)))
-        super().__init__(nn.Module(), graph, class_name="ZeroBranch")
+        graph.output(graph.call_module("zeros", (h,)))
+        root = nn.Module()
+        root.zeros = Zeros()
+        super().__init__(root, graph, class_name="ZeroBranch")
 
 
 class TwoStreamChain(ReversibleChain):
@@ -71,7 +77,8 @@ class TwoStreamChain(ReversibleChain):
         side_index: for each pair of blocks, the positions of its side inputs among the chain's.
         shared: for each branch, ``{name in the branch: path of the same module in the model
             that holds this chain}``: the layers the branch shares with the user's model. Their
-            state belongs to the model under those paths (:meth:`alias_keys`).
+            state belongs to the model under those paths (:meth:`alias_keys`), where the model
+            must keep them registered.
         replay_margin, anchors, drift_tolerance, verify: as for
             :class:`~gsr_compiler.runtime.reversible.ReversibleChain`.
     """
@@ -100,6 +107,9 @@ class TwoStreamChain(ReversibleChain):
                          drift_tolerance=drift_tolerance, verify=verify)
         self.residual_blocks = len(branches)
         self.shared = shared
+        self._register_state_dict_hook(_drop_aliases)
+        self.register_load_state_dict_pre_hook(_note_prefix)
+        self.register_load_state_dict_post_hook(_aliases_are_not_missing)
 
     def group_width(self, input_width: int) -> int:
         return input_width  # each stream is as wide as the chain input
@@ -152,32 +162,22 @@ def _merge(y: Tensor, x: Tensor) -> Tensor:
     return a + (b - x.to(b.dtype))
 
 
-class SharedStateAliases:
-    """State-dict hooks of the model holding two-stream chains: its ``state_dict`` lists each
-    shared tensor once, under the user's key (the chain's copy of the name is dropped), and
-    ``load_state_dict`` fills the chain's names from the user's keys, so a checkpoint of the
-    plain model loads as it is. Registered on the holding module, which sees all keys."""
+# State-dict hooks of a TwoStreamChain (module-level functions: they pickle with the chain).
 
-    def __init__(self, chain_names: Sequence[str]) -> None:
-        self.chain_names = list(chain_names)
+def _drop_aliases(chain: "TwoStreamChain", state_dict: dict, prefix: str, local_metadata) -> None:
+    """The shared tensors are listed under the user's keys only."""
+    for mine, _ in chain.alias_keys():
+        state_dict.pop(prefix + mine, None)
 
-    def _aliases(self, holder: nn.Module):
-        for name in self.chain_names:
-            chain = getattr(holder, name, None)
-            if isinstance(chain, TwoStreamChain):
-                for mine, user in chain.alias_keys():
-                    yield f"{name}.{mine}", user
 
-    def drop(self, holder: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-        for mine, _ in self._aliases(holder):
-            state_dict.pop(prefix + mine, None)
+def _note_prefix(chain: "TwoStreamChain", state_dict, prefix: str, *args) -> None:
+    chain.__dict__["_load_prefix"] = prefix
 
-    def fill(self, holder: nn.Module, state_dict: dict, prefix: str, local_metadata, strict,
-             missing_keys, unexpected_keys, error_msgs) -> None:
-        for mine, user in self._aliases(holder):
-            if prefix + user in state_dict and prefix + mine not in state_dict:
-                state_dict[prefix + mine] = state_dict[prefix + user]
 
-    def register(self, holder: nn.Module) -> None:
-        holder._register_state_dict_hook(self.drop)
-        holder.register_load_state_dict_pre_hook(self.fill)
+def _aliases_are_not_missing(chain: "TwoStreamChain", incompatible_keys) -> None:
+    """The chain's names of shared tensors are not missing: the tensors are the user's, loaded
+    (or reported missing) under the user's keys."""
+    prefix = chain.__dict__.pop("_load_prefix", "")
+    mine = {prefix + key for key, _ in chain.alias_keys()}
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                         if k not in mine]

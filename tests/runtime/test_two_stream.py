@@ -2,6 +2,8 @@
 
 Each gradient test compares one compiled training step with the same architecture storing
 everything (``store_everything``), in float64, where only rounding separates them."""
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,6 +208,18 @@ def test_plain_state_dict_loads_and_keys_are_the_users():
     again.eval()
     with torch.no_grad():
         assert torch.equal(again(x, edge_index), gsr(x, edge_index))
+    # and of the whole compiled model through torch.save
+    buffer = io.BytesIO()
+    torch.save(gsr, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert list(loaded.state_dict()) == list(gsr.state_dict())
+    with torch.no_grad():
+        assert torch.equal(loaded(x, edge_index), gsr(x, edge_index))
+    # a checkpoint missing a user key is still reported, under the user's key only
+    partial = {k: v for k, v in plain.state_dict().items() if k != "convs.1.weight1"}
+    result = gsr.compiled.load_state_dict(partial, strict=False)
+    assert result.missing_keys == ["convs.1.weight1"]
 
 
 def test_grouped_names_the_layer_without_width_rule():
