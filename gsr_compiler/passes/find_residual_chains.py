@@ -24,7 +24,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import GSRCompileError
-from .narrow_width import NarrowingError, narrow_module
+from .narrow_width import NarrowingError, narrow_module, supported_module_names
 from .propagate_shapes import node_bytes, node_shape
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -169,7 +169,9 @@ class FindResidualChains(PassBase):
                         f"into {self.groups} groups: {grouped}. Use coupling='two-stream' (runs "
                         "the block's own layers at full width, with their own weights) or "
                         "coupling='auto' (grouped where every layer has a width rule, "
-                        "two-stream elsewhere).")
+                        "two-stream elsewhere)." + (
+                            f" Layers with a width rule: {', '.join(supported_module_names())}."
+                            if "no width rule" in grouped else ""))
                 return ResidualBlock(skip, add, branch, body, side, node_shape(add)[-1],
                                      grouped)
             if reason:  # an empty reason marks an addition that is not a residual block
