@@ -148,7 +148,7 @@ class GSRModule(nn.Module):
         check_edge_index(gm, values)  # after tracing: only an edge_index a PyG layer reads as is
         gm.train(mode)
         config = self.config
-        finder = FindResidualChains(config.groups, config.min_chain_blocks)
+        finder = FindResidualChains(config.groups, config.min_chain_blocks, config.coupling)
         passes = [
             FunctionalDropoutToModule(mode),
             RemoveNoOps(),
@@ -236,6 +236,7 @@ class GSRModule(nn.Module):
                 depth=len(chain.blocks), width=chain.width, groups=self.config.groups,
                 side_inputs=side, stored_bytes_plain=chain.stored_bytes_plain(),
                 stored_bytes_reversible=chain.stored_bytes_reversible(),
+                coupling=chain.coupling, coupling_reason=chain.reason,
             ))
         report.not_converted = list(finder.rejected)
         if not finder.chains and not finder.rejected:

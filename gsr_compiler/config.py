@@ -17,6 +17,10 @@ def default_sparse_k(width: int, groups: int) -> int:
     return max(1, width // groups // 2)
 
 
+#: The values of ``GSRConfig.coupling``.
+COUPLINGS = ("auto", "grouped", "two-stream")
+
+
 @dataclass(frozen=True)
 class GSRConfig:
     """Options of the GSR rewrite.
@@ -25,6 +29,14 @@ class GSRConfig:
         groups: number of channel groups G of each reversible block (>= 2). Every
             residual block ``h + f(h)`` of width D becomes grouped additive coupling
             with G copies of ``f`` at width D/G.
+        coupling: how a residual chain becomes reversible. ``"grouped"``: grouped additive
+            coupling, each branch split into ``groups`` narrower copies with fresh weights
+            (every layer of the chain needs a width rule; a layer without one is an error that
+            names it). ``"two-stream"``: two full-width streams that take turns, running the
+            user's own layers with their own weights, whatever they are
+            (:mod:`~gsr_compiler.runtime.two_stream`). ``"auto"`` (default): grouped for a
+            chain whose every layer has a width rule, two-stream for the others. Both change
+            the function (docs/runtime.md says how); ``explain()`` says which each chain uses.
         strict: raise :class:`GSRCompileError` when anything is left unconverted,
             instead of reporting it in ``explain()``.
         min_chain_blocks: shortest run of residual blocks that is made reversible.
@@ -82,6 +94,7 @@ class GSRConfig:
     """
 
     groups: int = 2
+    coupling: str = "auto"
     strict: bool = False
     min_chain_blocks: int = 1
     sparse_k: int | None = None
@@ -103,6 +116,12 @@ class GSRConfig:
                 f"{', '.join(repr(b) for b in BACKENDS)} ('auto': Triton kernels on CUDA tensors, "
                 "torch otherwise; 'torch': always torch; 'triton': always the kernels)."
             )
+        if not isinstance(self.coupling, str) or self.coupling not in COUPLINGS:
+            raise GSRCompileError(
+                f"coupling={self.coupling!r}: must be one of "
+                f"{', '.join(repr(c) for c in COUPLINGS)} ('grouped': split each branch into "
+                "narrower groups; 'two-stream': the user's own layers at full width in two "
+                "streams; 'auto': grouped where every layer has a width rule).")
         for name in ("plan_memory", "recompute_head", "verify"):
             if not isinstance(getattr(self, name), bool):
                 raise GSRCompileError(f"{name}={getattr(self, name)!r}: must be True or False.")

@@ -23,6 +23,9 @@ class ChainReport:
     side_inputs: list[str]
     stored_bytes_plain: int
     stored_bytes_reversible: int
+    # "grouped" or "two-stream"; for two-stream, why grouped was not used ("" when asked for).
+    coupling: str = "grouped"
+    coupling_reason: str = ""
 
 
 @dataclass
@@ -160,9 +163,17 @@ class CompileReport:
             lines.append("reversible chains:")
             for c in self.chains:
                 side = ", ".join(c.side_inputs) or "none"
+                if c.coupling == "two-stream":
+                    how = (f"two-stream coupling: the model's own layers at full width {c.width}, "
+                           "two streams")
+                    if c.coupling_reason:
+                        how += f" (grouped impossible: {c.coupling_reason})"
+                else:
+                    how = (f"grouped coupling: width {c.width} = {c.groups} groups x "
+                           f"{c.width // c.groups}")
                 lines.append(
                     f"  {c.name}: {c.depth} block(s) '{c.first_module}' .. '{c.last_module}', "
-                    f"width {c.width} = {c.groups} groups x {c.width // c.groups}, side inputs: {side}"
+                    f"{how}, side inputs: {side}"
                 )
             plain = sum(c.stored_bytes_plain for c in self.chains)
             rev = sum(c.stored_bytes_reversible for c in self.chains)
@@ -170,11 +181,22 @@ class CompileReport:
                 f"expected activations kept for backward by the chains: {format_bytes(plain)} "
                 f"(eager, estimated from the traced shapes) -> {format_bytes(rev)} (reversible)"
             )
-            lines.append(
-                "note: grouped coupling is a different architecture than the residual chain; "
-                "its branches are fresh copies at 1/groups width, so the compiled model computes "
-                "a different function and must be trained (weights were not transferred)."
-            )
+            if any(c.coupling == "grouped" for c in self.chains):
+                lines.append(
+                    "note: grouped coupling is a different architecture than the residual chain; "
+                    "its branches are fresh copies at 1/groups width, so the compiled model "
+                    "computes a different function and must be trained (weights were not "
+                    "transferred)."
+                )
+            if any(c.coupling == "two-stream" for c in self.chains):
+                lines.append(
+                    "note: two-stream coupling keeps the model's layers, weights and state_dict "
+                    "keys, and every branch still adds to the output once, but from the third "
+                    "block on each branch reads the input plus only every other earlier branch "
+                    "output: a different function from the residual chain (the same for chains "
+                    "of 1 or 2 blocks); a plain checkpoint loads, and is a starting point, not "
+                    "the same model (docs/runtime.md)."
+                )
         else:
             lines.append("no residual chain was converted; the model runs as written.")
         if self.leaves:

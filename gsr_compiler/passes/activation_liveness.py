@@ -556,7 +556,8 @@ class _LivenessWalk:
             if xt is None:
                 xt = top.info.get(node)
             G = chain.groups
-            group = _Tensor(xt.shape[:-1] + (xt.shape[-1] // G,), xt.dtype) if xt else None
+            group = _Tensor(xt.shape[:-1] + (chain.group_width(xt.shape[-1]),), xt.dtype) \
+                if xt else None
             ctx = {"x": x, "side": list(node.args[1:]), "G": G, "group": group,
                    "name": node.name}  # per call: a graph may call one chain twice
             self._chain_info[node] = ctx

@@ -2,14 +2,21 @@
 
 A residual block is an addition whose one operand ``h`` is an ancestor of the other,
 ``f(h)``, where the branch ``f`` (every node between them) is used by nothing outside
-the block, has the width of ``h``, and is built only of layers the width rewrite
-supports. Consecutive blocks form a chain when each block's output is consumed only by
-the next block. The pass only analyses; ``ReversibleRewrite`` changes the graph.
+the block, and has the width of ``h``. Consecutive blocks form a chain when each block's
+output is consumed only by the next block. The pass only analyses; ``ReversibleRewrite``
+changes the graph.
 
-A layer of a converted branch that reads edge features (a floating ``[E, edge_dim]``
-tensor from outside the branch, bound to the argument ``EDGE_FEATURE_ARGUMENT`` names)
-gets ``node.meta["gsr_edge_width"] = edge_dim``, which the width rewrite needs; any other
-floating feature tensor a layer reads from outside the branch makes the block unconvertible.
+Each chain gets a coupling (``GSRConfig.coupling``): ``"grouped"`` needs every layer and
+operation of its branches to have a group-wise form (a width rule, ``narrow_width``) and raises,
+naming the layer, where one has none; ``"two-stream"`` runs the branches as they are, whatever
+they hold; ``"auto"`` picks grouped for a chain whose every block can be split and two-stream
+otherwise. The choice and its reason are recorded on each block's addition node
+(``node.meta["gsr_coupling"]``), which the chain's call node inherits.
+
+A layer of a grouped branch that reads edge features (a floating ``[E, edge_dim]`` tensor
+from outside the branch, bound to the argument ``EDGE_FEATURE_ARGUMENT`` names) gets
+``node.meta["gsr_edge_width"] = edge_dim``, which the width rewrite needs; any other floating
+feature tensor a layer reads from outside the branch makes the block ungroupable.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import GSRCompileError
 from .layer_types import EDGE_FEATURE_ARGUMENT, qualified_name
-from .narrow_width import NarrowingError, narrow_module
+from .narrow_width import NarrowingError, narrow_module, supported_module_names
 from .propagate_shapes import node_bytes, node_shape
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -54,6 +61,8 @@ class ResidualBlock:
     body: list[fx.Node]
     side_inputs: list[fx.Node]
     width: int
+    # Why the branch cannot be split into groups (None: it can).
+    grouped_refusal: str | None = None
 
     @property
     def module_names(self) -> list[str]:
@@ -71,6 +80,9 @@ class ResidualBlock:
 @dataclass
 class ResidualChain:
     blocks: list[ResidualBlock] = field(default_factory=list)
+    coupling: str = "grouped"
+    # Why two-stream was chosen ("" when it was asked for, or for grouped chains).
+    reason: str = ""
 
     @property
     def width(self) -> int:
@@ -91,7 +103,8 @@ class ResidualChain:
         return sum(node_bytes(n) for b in self.blocks for n in b.body + [b.add])
 
     def stored_bytes_reversible(self) -> int:
-        return node_bytes(self.blocks[-1].add)
+        # A two-stream chain keeps both streams.
+        return node_bytes(self.blocks[-1].add) * (2 if self.coupling == "two-stream" else 1)
 
 
 def residual_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -161,9 +174,10 @@ def edge_features_of(node: fx.Node, module, skip: fx.Node, in_body: set
 class FindResidualChains(PassBase):
     """Finds residual chains; results in ``self.chains``, refusals in ``self.rejected``."""
 
-    def __init__(self, groups: int, min_chain_blocks: int = 1) -> None:
+    def __init__(self, groups: int, min_chain_blocks: int = 1, coupling: str = "grouped") -> None:
         super().__init__()
         self.groups = groups
+        self.coupling = coupling
         self.min_chain_blocks = min_chain_blocks
         self.chains: list[ResidualChain] = []
         self.rejected: list[tuple[str, str]] = []
@@ -203,7 +217,18 @@ class FindResidualChains(PassBase):
                 continue
             reason = self._refusal(skip, add, branch, body, claimed)
             if reason is None:
-                return ResidualBlock(skip, add, branch, body, side, node_shape(add)[-1])
+                grouped = self._grouped_refusal(skip, body)
+                if grouped is not None and self.coupling == "grouped":
+                    raise GSRCompileError(
+                        f"coupling='grouped': the {self._location(body, add)} cannot be split "
+                        f"into {self.groups} groups: {grouped}. Use coupling='two-stream' (runs "
+                        "the block's own layers at full width, with their own weights) or "
+                        "coupling='auto' (grouped where every layer has a width rule, "
+                        "two-stream elsewhere)." + (
+                            f" Layers with a width rule: {', '.join(supported_module_names())}."
+                            if "no width rule" in grouped else ""))
+                return ResidualBlock(skip, add, branch, body, side, node_shape(add)[-1],
+                                     grouped)
             if reason:  # an empty reason marks an addition that is not a residual block
                 self.rejected.append((self._location(body, add), reason))
             return None
@@ -255,12 +280,17 @@ class FindResidualChains(PassBase):
             outside = [u for u in n.users if u not in in_body and not (n is branch and u is add)]
             if outside:
                 return f"intermediate '{n.name}' of the block is also used by '{outside[0].name}'"
-        width = shape_h[-1]
+        return None
+
+    def _grouped_refusal(self, skip, body) -> str | None:
+        """Why the branch cannot be split into groups (None: it can)."""
+        if self.coupling == "two-stream":
+            return None  # not asked: the branch runs as it is
+        in_body = set(body)
+        width = node_shape(skip)[-1]
         if width % self.groups:
-            raise GSRCompileError(
-                f"the residual block at '{body[0].target}' has width {width}, which is not "
-                f"divisible by groups={self.groups}. Choose groups dividing {width}."
-            )
+            return (f"its width {width} is not divisible by groups={self.groups} (choose groups "
+                    f"dividing {width})")
         # Layers first: a missing width rule is the most useful thing to report.
         for n in sorted(body, key=lambda n: n.op != "call_module"):
             reason = self._unsupported(n, skip, in_body)
@@ -320,6 +350,16 @@ class FindResidualChains(PassBase):
             current.blocks.append(block)
         if current.blocks:
             chains.append(current)
+        for chain in chains:
+            refused = [b for b in chain.blocks if b.grouped_refusal is not None]
+            if self.coupling == "two-stream":
+                chain.coupling = "two-stream"
+            elif refused:  # "auto"; "grouped" raised at the block already
+                chain.coupling = "two-stream"
+                why = refused[0].grouped_refusal
+                chain.reason = why if why.startswith("'") else f"'{refused[0].describe()}': {why}"
+            for b in chain.blocks:
+                b.add.meta["gsr_coupling"] = {"coupling": chain.coupling, "reason": chain.reason}
         kept = []
         for chain in chains:
             if len(chain.blocks) >= self.min_chain_blocks:

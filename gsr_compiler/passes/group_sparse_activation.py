@@ -148,7 +148,9 @@ class GroupSparseActivation(PassBase):
 
     @staticmethod
     def _chains(gm: fx.GraphModule) -> list[tuple[str, ReversibleChain]]:
-        return [(str(node.target), chain) for node, chain in chain_nodes(gm)]
+        # Two-stream chains run the model's own layers as they are: they stay dense.
+        return [(str(node.target), chain) for node, chain in chain_nodes(gm)
+                if chain.coupling == "grouped"]
 
     def _group_width(self, name: str, chain: ReversibleChain) -> tuple[int, int]:
         """(width of one reversible group, top-k group g) of ``chain``, checked."""
@@ -193,7 +195,12 @@ class GroupSparseActivation(PassBase):
                 setattr(chain, _MARK, done)
                 modified = True
             self.notes += _chain_notes(name, done.branches, done.k, done.group)
-        if not chains:
+        streams = [str(node.target) for node, chain in chain_nodes(gm)
+                   if chain.coupling != "grouped"]
+        if streams:
+            self.notes.append(f"{', '.join(streams)}: two-stream coupling runs the model's own "
+                              "layers as they are; its activations stay dense")
+        if not chains and not streams:
             self.notes.append("no reversible chain; nothing made sparse")
         return PassResult(gm, modified)
 

@@ -40,7 +40,7 @@ class PlanActivationMemory(PassBase):
         chains = _chains(gm)
         for name, chain, width in chains:
             if self.arena is not None:
-                self.arena.add_chain(name, chain.groups, width // chain.groups)
+                self.arena.add_chain(name, chain.groups, chain.group_width(width))
             chain.coupling_arena = self.arena
         self.liveness = activation_liveness(gm, self.training)
         self.plan = self.liveness.plan()

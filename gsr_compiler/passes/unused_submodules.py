@@ -10,8 +10,10 @@ from torch import fx
 
 def delete_unused_submodules(gm: fx.GraphModule) -> None:
     """Deletes every submodule of ``gm`` that no ``call_module`` or ``get_attr`` node uses
-    (itself, a parent or a child of it)."""
+    (itself, a parent or a child of it), and that no used module holds under another name (a
+    two-stream chain calls the model's own layers, which keep their names)."""
     used: set[str] = {""}
+    reached: set[int] = set()
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "get_attr"):
             continue
@@ -22,7 +24,14 @@ def delete_unused_submodules(gm: fx.GraphModule) -> None:
                 module = gm.get_submodule(str(node.target))
             except AttributeError:
                 continue
-            used.update(f"{node.target}.{name}" for name, _ in module.named_modules() if name)
+            for name, m in module.named_modules():
+                reached.add(id(m))
+                if name:
+                    used.add(f"{node.target}.{name}")
+    for name, m in gm.named_modules():
+        if name not in used and id(m) in reached:
+            parts = name.split(".")
+            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     unused = [name for name, _ in gm.named_modules() if name not in used]
     # parents before children: deleting a parent removes its children with it
     deleted: set[str] = set()

@@ -79,6 +79,9 @@ class ReversibleChain(nn.Module):
             and inverse (see :func:`~gsr_compiler.runtime.kernels.use_triton`).
     """
 
+    #: How a residual block maps onto the coupling; ``TwoStreamChain`` is the other form.
+    coupling = "grouped"
+
     def __init__(
         self,
         blocks: Sequence[Sequence[nn.Module]],
@@ -118,6 +121,10 @@ class ReversibleChain(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.blocks)
+
+    def group_width(self, input_width: int) -> int:
+        """The channels of one coupling group for a chain input of ``input_width`` channels."""
+        return input_width // self.groups
 
     def extra_repr(self) -> str:
         guard = getattr(self, "replay_margin", None), getattr(self, "anchors", None)

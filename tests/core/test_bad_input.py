@@ -65,16 +65,19 @@ class Unsupported(nn.Module):
         return self.dec(h)
 
 
-def test_unsupported_layer_reported_by_name_or_strict_error():
+def test_unsupported_layer_two_stream_by_default_or_named_in_grouped_error():
     model = Unsupported().double()
     x, edge_index, _, _ = graph_inputs()
-    gsr = gsr_compile(model)
+    gsr = gsr_compile(model)  # coupling="auto": two-stream, the model's own layer
+    # one block: the two-stream chain computes the residual block itself
     assert torch.equal(gsr(x, edge_index), model(x, edge_index))
     text = gsr.explain()
-    assert "not converted" in text and "supported layers" in text
+    assert "two-stream coupling" in text and "no width rule for Conv1d" in text
     with pytest.raises(GSRCompileError) as info:
-        gsr_compile(model, strict=True)(x, edge_index)
-    assert "SAGEConv" in str(info.value)  # the supported list
+        gsr_compile(model, coupling="grouped")(x, edge_index)
+    message = str(info.value)
+    assert "'conv'" in message and "Conv1d" in message and "coupling='two-stream'" in message
+    assert "SAGEConv" in message  # the supported list
 
 
 @pytest.mark.parametrize("groups", [1, 0, -2, 2.0])
@@ -94,7 +97,7 @@ def test_width_not_divisible_by_groups_leaves_everything_untouched():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x, edge_index, _, _ = graph_inputs(dtype=torch.float32)
     x_before = x.clone()
-    gsr = gsr_compile(model, groups=4)
+    gsr = gsr_compile(model, groups=4, coupling="grouped")
     with pytest.raises(GSRCompileError, match="width 10.*groups=4"):
         gsr(x, edge_index)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
