@@ -10,6 +10,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from .config import GSRConfig
+from .data_inputs import MissingDataAttribute, flatten_arguments, split_data_arguments
 from .errors import GSRCompileError, LayerFailedError
 from .input_errors import check_edge_index, check_inputs
 from .passes.branch_dropout import BranchDropoutPass
@@ -49,8 +50,8 @@ def _specialization(concrete: dict[str, Any]) -> tuple:
         if not ok(value):
             raise GSRCompileError(
                 f"argument '{name}' is a {type(value).__name__}; gsr_compile traces tensor "
-                "arguments and specializes on None, bool, int, float and str ones. Pass the "
-                "tensors themselves (e.g. data.x, data.edge_index) instead."
+                "and PyG Data arguments and specializes on None, bool, int, float and str "
+                "ones. Pass the tensors themselves instead."
             )
     return tuple(sorted(concrete.items()))
 
@@ -96,12 +97,17 @@ class GSRModule(nn.Module):
     def _graph_for(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list]:
         source = self._source_model
         _, concrete, _ = split_call_arguments(source, args, kwargs)
-        bound = _bind(source, args, kwargs)
-        key = (self.training, _specialization(concrete))
+        concrete, data_signatures = split_data_arguments(concrete)
+        parameters = list(inspect.signature(source.forward).parameters)
+        arguments = _bind(source, args, kwargs)
+        names, bound = flatten_arguments(parameters, arguments, data_signatures)
+        key = (self.training, _specialization(concrete),
+               tuple(sorted(data_signatures.items(), key=lambda item: item[0])))
         gm = self._graphs.get(key)
         if gm is None:
+            data_args = {n: v for n, v in zip(parameters, arguments) if n in data_signatures}
             try:
-                gm = self._compile(key, concrete, bound)
+                gm = self._compile(key, concrete, names, bound, data_args)
             except LayerFailedError as e:
                 raise _whose_failure(source, e, args, kwargs, self.training) from e.__cause__
         if gm.training != self.training:
@@ -109,16 +115,21 @@ class GSRModule(nn.Module):
         self.__dict__["_last_key"] = key
         return gm, bound
 
-    def _compile(self, key, concrete: dict, values: list) -> fx.GraphModule:
+    def _compile(self, key, concrete: dict, names: list[str], values: list,
+                 data_args: dict[str, Any]) -> fx.GraphModule:
         start = time.perf_counter()
         mode = key[0]
         source = self._source_model
-        check_inputs(source, list(inspect.signature(source.forward).parameters), values)
+        check_inputs(source, names, values)
         backend = _choose_backend(self.config.backend, values, source)
         was_training = source.training
         source.train(mode)
         try:
-            gm = trace(source, concrete)
+            gm = trace(source, concrete, data_args)
+        except GSRCompileError as e:
+            if isinstance(e.__cause__, MissingDataAttribute):
+                raise e.__cause__ from None  # the AttributeError eager raises for a key the Data lacks
+            raise
         finally:
             source.train(was_training)
         check_edge_index(gm, values)  # after tracing: only an edge_index a PyG layer reads as is

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .data_inputs import stand_in_arguments
 from .errors import GSRCompileError
 
 try:  # PyG is a dependency, but keep tracing usable for plain torch models without it.
@@ -35,7 +36,18 @@ def _is_pyg_norm(module: nn.Module) -> bool:
 
 
 class GSRTracer(fx.Tracer):
-    """An ``fx.Tracer`` that keeps PyG layers whole, as ``call_module`` nodes."""
+    """An ``fx.Tracer`` that keeps PyG layers whole, as ``call_module`` nodes, and traces
+    PyG ``Data`` arguments (``data_args``, name -> the call's value) as their tensors."""
+
+    def __init__(self, data_args: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.data_args = data_args or {}
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        root_fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if self.data_args:
+            args = stand_in_arguments(self, args, self.data_args)
+        return root_fn, args
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, _PYG_LEAVES) or _is_pyg_norm(m):
@@ -95,13 +107,15 @@ def _user_frame(exc: BaseException) -> str | None:
     return f"{user.filename}:{user.lineno}: {(user.line or '').strip()}"
 
 
-def trace(model: nn.Module, concrete_args: dict[str, Any]) -> fx.GraphModule:
-    """Traces ``model`` with the given non-tensor arguments fixed.
+def trace(model: nn.Module, concrete_args: dict[str, Any],
+          data_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Traces ``model`` with the given non-tensor arguments fixed, and each PyG ``Data``
+    argument in ``data_args`` as its tensors (see :mod:`gsr_compiler.data_inputs`).
 
     Raises :class:`GSRCompileError` naming the user's source line when the model has
     data-dependent control flow or other untraceable code.
     """
-    tracer = GSRTracer()
+    tracer = GSRTracer(data_args)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ...
