@@ -108,16 +108,21 @@ def test_optimizer_before_first_call_is_a_clear_error():
         torch.optim.Adam(gsr.parameters())
 
 
-def test_data_object_argument_rejected():
+def test_object_argument_rejected_but_a_data_is_traced():
     from torch_geometric.data import Data
 
     class TakesData(nn.Module):
         def forward(self, data):
             return data.x
 
+    class Graph:  # not a PyG Data: nothing says which of its attributes are inputs
+        def __init__(self, x):
+            self.x = x
+
     x, edge_index, _, _ = graph_inputs()
-    with pytest.raises(GSRCompileError, match="data.x"):
-        gsr_compile(TakesData())(Data(x=x, edge_index=edge_index))
+    with pytest.raises(GSRCompileError, match="argument 'data' is a Graph"):
+        gsr_compile(TakesData())(Graph(x))
+    assert torch.equal(gsr_compile(TakesData())(Data(x=x, edge_index=edge_index)), x)
 
 
 # -- inputs the model cannot run on: the error names the layer and the cause -------------
