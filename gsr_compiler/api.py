@@ -101,8 +101,8 @@ class GSRModule(nn.Module):
         parameters = list(inspect.signature(source.forward).parameters)
         arguments = _bind(source, args, kwargs)
         names, bound = flatten_arguments(parameters, arguments, data_signatures)
-        key = (self.training, _specialization(concrete),
-               tuple(sorted(data_signatures.items(), key=lambda item: item[0])))
+        key = (self.training, _specialization(concrete)
+               + tuple(sorted(data_signatures.items(), key=lambda item: item[0])))
         gm = self._graphs.get(key)
         if gm is None:
             data_args = {n: v for n, v in zip(parameters, arguments) if n in data_signatures}
