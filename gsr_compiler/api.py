@@ -11,6 +11,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from .config import GSRConfig
+from .data_inputs import MissingDataAttribute, flatten_arguments, split_data_arguments
 from .errors import GSRCompileError, LayerFailedError
 from .input_errors import check_edge_index, check_inputs
 from .passes.branch_dropout import BranchDropoutPass
@@ -53,8 +54,8 @@ def _specialization(concrete: dict[str, Any]) -> tuple:
         if not ok(value):
             raise GSRCompileError(
                 f"argument '{name}' is a {type(value).__name__}; gsr_compile traces tensor "
-                "arguments and specializes on None, bool, int, float and str ones. Pass the "
-                "tensors themselves (e.g. data.x, data.edge_index) instead."
+                "and PyG Data arguments and specializes on None, bool, int, float and str "
+                "ones. Pass the tensors themselves instead."
             )
     return tuple(sorted(concrete.items()))
 
@@ -99,14 +100,21 @@ class GSRModule(nn.Module):
 
     def _graph_for(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, list]:
         source = self._source_model
-        names, concrete, tensors = split_call_arguments(source, args, kwargs)
-        bound = _bind(source, args, kwargs)
-        inputs = dict(zip(names, tensors))
-        base = _specialization(concrete)
+        _, concrete, _ = split_call_arguments(source, args, kwargs)
+        concrete, data_signatures = split_data_arguments(concrete)
+        parameters = list(inspect.signature(source.forward).parameters)
+        arguments = _bind(source, args, kwargs)
+        names, bound = flatten_arguments(parameters, arguments, data_signatures)
+        # guards read the graph's inputs by placeholder name (a Data's tensors: data_x, ...)
+        inputs = {n: v for n, v in zip(names, bound) if isinstance(v, torch.Tensor)}
+        base = _specialization(concrete) + tuple(
+            sorted(data_signatures.items(), key=lambda item: item[0]))
         key = self._cached_key(self.training, base, inputs)
         if key is None:
+            data_args = {n: v for n, v in zip(parameters, arguments) if n in data_signatures}
             try:
-                key = self._compile(self.training, base, concrete, bound, inputs)
+                key = self._compile(self.training, base, concrete, names, bound, inputs,
+                                    data_args)
             except LayerFailedError as e:
                 raise _whose_failure(source, e, args, kwargs, self.training) from e.__cause__
         gm = self._graphs[key]
@@ -128,19 +136,23 @@ class GSRModule(nn.Module):
                 return key
         return None
 
-    def _compile(self, mode: bool, base: tuple, concrete: dict, values: list,
-                 inputs: dict) -> tuple:
+    def _compile(self, mode: bool, base: tuple, concrete: dict, names: list[str], values: list,
+                 inputs: dict, data_args: dict[str, Any]) -> tuple:
         """Traces and rewrites the model for one mode and set of non-tensor arguments;
         returns the key the graph is stored under (``base`` plus the trace's guards)."""
         start = time.perf_counter()
         source = self._source_model
-        check_inputs(source, list(inspect.signature(source.forward).parameters), values)
+        check_inputs(source, names, values)
         check_leaf_modules(source, self.config.leaf_modules)
         backend = _choose_backend(self.config.backend, values, source)
         was_training = source.training
         source.train(mode)
         try:
-            gm = trace(source, concrete, inputs, self.config.leaf_modules)
+            gm = trace(source, concrete, inputs, self.config.leaf_modules, data_args)
+        except GSRCompileError as e:
+            if isinstance(e.__cause__, MissingDataAttribute):
+                raise e.__cause__ from None  # the AttributeError eager raises for a key the Data lacks
+            raise
         finally:
             source.train(was_training)
         findings: TraceFindings = gm.meta["gsr_trace"]

@@ -72,16 +72,29 @@ def saved_bytes_of_step(model: nn.Module, inputs: Sequence, target=None,
     seen: dict[int, int] = {}
 
     def pack(t: Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in exclude and ptr != 0:
-            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        for part in _dense_parts(t):
+            storage = part.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in exclude and ptr != 0:
+                seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn(model(*inputs), target)
     loss.backward()
     return sum(seen.values())
+
+
+def _dense_parts(t: Tensor) -> tuple[Tensor, ...]:
+    """The strided tensors holding ``t``'s data: ``t`` itself, or a sparse tensor's indices
+    and values (sparse tensors have no storage of their own)."""
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return t.crow_indices(), t.col_indices(), t.values()
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return t.ccol_indices(), t.row_indices(), t.values()
+    if t.layout == torch.sparse_coo:
+        return t._indices(), t._values()
+    return (t,)
 
 
 def _zero_grads(model: nn.Module) -> None:

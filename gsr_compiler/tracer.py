@@ -39,6 +39,7 @@ import torch.fx as fx
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 
+from .data_inputs import stand_in_arguments
 from .errors import GSRCompileError
 
 try:  # PyG is a dependency, but keep tracing usable for plain torch models without it.
@@ -227,25 +228,36 @@ _CHECKPOINT_OPTIONS = {"use_reentrant", "preserve_rng_state", "context_fn", "det
 
 
 class GSRTracer(fx.Tracer):
-    """An ``fx.Tracer`` that keeps PyG layers whole, as ``call_module`` nodes.
+    """An ``fx.Tracer`` that keeps PyG layers whole, as ``call_module`` nodes, and traces
+    PyG ``Data`` arguments as their tensors.
 
     Args:
         inputs: the call's tensor arguments by parameter name (real values), from which
             shapes and ``requires_grad`` are decided.
         leaf_types / leaf_names: modules the user asked to keep whole.
         breaks: modules whose tracing failed before (qualified name -> record).
+        data_args: the call's ``Data`` arguments (name -> value), traced as a stand-in whose
+            tensors are placeholders (:mod:`gsr_compiler.data_inputs`).
     """
 
     def __init__(self, inputs: dict[str, Any] | None = None,
                  leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset(),
-                 breaks: dict[str, LeafRecord] | None = None) -> None:
+                 breaks: dict[str, LeafRecord] | None = None,
+                 data_args: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.data_args = data_args or {}
         self.inputs = dict(inputs or {})
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.breaks = dict(breaks or {})
         self.findings = TraceFindings()
         self._evaluated: set[fx.Node] = set()
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        root_fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        if self.data_args:
+            args = stand_in_arguments(self, args, self.data_args)
+        return root_fn, args
 
     # which modules stay whole
 
@@ -525,8 +537,10 @@ def check_leaf_modules(model: nn.Module, leaf_modules: tuple) -> None:
 
 
 def trace(model: nn.Module, concrete_args: dict[str, Any],
-          inputs: dict[str, Any] | None = None, leaf_modules: tuple = ()) -> fx.GraphModule:
-    """Traces ``model`` with the given non-tensor arguments fixed.
+          inputs: dict[str, Any] | None = None, leaf_modules: tuple = (),
+          data_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Traces ``model`` with the given non-tensor arguments fixed, and each PyG ``Data``
+    argument in ``data_args`` as its tensors (see :mod:`gsr_compiler.data_inputs`).
 
     ``inputs`` are the call's tensor arguments by parameter name; facts such as their
     shapes and ``requires_grad`` are decided from them (``meta["gsr_trace"].guards``).
@@ -538,7 +552,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any],
     leaf_names = frozenset(m for m in leaf_modules if isinstance(m, str))
     breaks: dict[str, LeafRecord] = {}
     while True:
-        tracer = GSRTracer(inputs, leaf_types, leaf_names, breaks)
+        tracer = GSRTracer(inputs, leaf_types, leaf_names, breaks, data_args)
         try:
             with _CheckpointPatched(tracer, model):
                 graph = tracer.trace(model, concrete_args=concrete_args or None)

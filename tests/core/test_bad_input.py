@@ -72,7 +72,7 @@ def test_unsupported_layer_two_stream_by_default_or_named_in_grouped_error():
     # one block: the two-stream chain computes the residual block itself
     assert torch.equal(gsr(x, edge_index), model(x, edge_index))
     text = gsr.explain()
-    assert "two-stream coupling" in text and "no width rule for Conv1d" in text
+    assert "two-stream coupling" in text and "no width rule for torch.nn.modules.conv.Conv1d" in text
     with pytest.raises(GSRCompileError) as info:
         gsr_compile(model, coupling="grouped")(x, edge_index)
     message = str(info.value)
@@ -111,16 +111,21 @@ def test_optimizer_before_first_call_is_a_clear_error():
         torch.optim.Adam(gsr.parameters())
 
 
-def test_data_object_argument_rejected():
+def test_object_argument_rejected_but_a_data_is_traced():
     from torch_geometric.data import Data
 
     class TakesData(nn.Module):
         def forward(self, data):
             return data.x
 
+    class Graph:  # not a PyG Data: nothing says which of its attributes are inputs
+        def __init__(self, x):
+            self.x = x
+
     x, edge_index, _, _ = graph_inputs()
-    with pytest.raises(GSRCompileError, match="data.x"):
-        gsr_compile(TakesData())(Data(x=x, edge_index=edge_index))
+    with pytest.raises(GSRCompileError, match="argument 'data' is a Graph"):
+        gsr_compile(TakesData())(Graph(x))
+    assert torch.equal(gsr_compile(TakesData())(Data(x=x, edge_index=edge_index)), x)
 
 
 # -- inputs the model cannot run on: the error names the layer and the cause -------------

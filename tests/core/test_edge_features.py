@@ -154,29 +154,29 @@ def test_user_class_named_like_a_supported_layer_is_named_by_module_path():
     torch.manual_seed(0)
     model = EdgeModel(lambda: GENConv(D), edge_width=D).double()
     inputs = random_graph()
+    with pytest.raises(GSRCompileError, match=rf"no width rule for {__name__}\.GENConv") as info:
+        gsr_compile(model, coupling="grouped", example_inputs=inputs)
+    assert "torch_geometric.nn.conv.gen_conv.GENConv" in str(info.value)
+    # coupling='auto' runs it two-stream and says why grouped was impossible, by the same name
     gsr = gsr_compile(model, example_inputs=inputs)
-    reasons = [why for _, why in gsr.report.not_converted]
-    assert reasons, gsr.explain()
-    assert all(f"no width rule for {__name__}.GENConv" in why for why in reasons), reasons
-    assert all("torch_geometric.nn.conv.gen_conv.GENConv" in why for why in reasons), reasons
-    torch.testing.assert_close(gsr(*inputs), model(*inputs))  # runs unchanged
-    with pytest.raises(GSRCompileError, match=rf"no width rule for {__name__}\.GENConv"):
-        gsr_compile(model, strict=True, example_inputs=inputs)
+    (chain,) = gsr.report.chains
+    assert chain.coupling == "two-stream"
+    assert f"no width rule for {__name__}.GENConv" in chain.coupling_reason
 
 
 def test_subclass_of_a_supported_layer_is_refused_with_its_base_named():
     torch.manual_seed(0)
     model = EdgeModel(lambda: ScaledGENConv(D, D), edge_width=D).double()
-    gsr = gsr_compile(model, example_inputs=random_graph())
-    reasons = [why for _, why in gsr.report.not_converted]
-    assert reasons and all(f"{__name__}.ScaledGENConv" in why and "a subclass of "
-                           "torch_geometric.nn.conv.gen_conv.GENConv" in why for why in reasons)
+    with pytest.raises(GSRCompileError) as info:
+        gsr_compile(model, coupling="grouped", example_inputs=random_graph())
+    assert f"{__name__}.ScaledGENConv" in str(info.value)
+    assert "a subclass of torch_geometric.nn.conv.gen_conv.GENConv" in str(info.value)
 
 
 def test_outside_feature_tensor_without_group_form_is_refused_at_compile_time():
     """A bipartite SAGEConv reading the model's input x0 next to the branch: x0 has the full
-    width, and the narrowed layer could not read it. Refused when compiling, with a reason,
-    instead of a shape error in the first forward."""
+    width, and the narrowed layer could not read it. Grouped coupling refuses it when compiling,
+    with a reason, instead of a shape error in the first forward."""
 
     class InitialResidual(nn.Module):
         def __init__(self):
@@ -195,10 +195,10 @@ def test_outside_feature_tensor_without_group_form_is_refused_at_compile_time():
     torch.manual_seed(0)
     model = InitialResidual().double()
     inputs = random_graph()
+    with pytest.raises(GSRCompileError, match="reads argument 'x'.*from outside the branch"):
+        gsr_compile(model, coupling="grouped", example_inputs=inputs)
+    # coupling='auto': two-stream, which runs the layer at full width with x0 as a side input
     gsr = gsr_compile(model, example_inputs=inputs)
-    reasons = [why for _, why in gsr.report.not_converted]
-    assert reasons and all("reads argument 'x'" in why and "from outside the branch" in why
-                           for why in reasons), reasons
-    torch.testing.assert_close(gsr(*inputs), model(*inputs))
-    with pytest.raises(GSRCompileError, match="from outside the branch"):
-        gsr_compile(model, strict=True, example_inputs=inputs)
+    (chain,) = gsr.report.chains
+    assert chain.coupling == "two-stream" and "from outside the branch" in chain.coupling_reason
+    gsr(*inputs).sum().backward()  # runs: no shape error in the first forward or backward

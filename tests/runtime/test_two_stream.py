@@ -242,7 +242,8 @@ def test_auto_picks_grouped_where_every_layer_has_a_width_rule():
     without = gsr_compile(Blocks(EdgeGate, 3).double(), example_inputs=(x, edge_index))
     assert isinstance(chain_of(without), TwoStreamChain)
     text = without.explain()
-    assert "two-stream coupling" in text and "no width rule for EdgeGate" in text
+    assert "two-stream coupling" in text
+    assert f"no width rule for {EdgeGate.__module__}.EdgeGate" in text  # named by module path
     assert "grouped coupling: width 16 = 2 groups x 8" in with_rule.explain()
     node = next(n for n in without.graph_module.graph.nodes
                 if n.op == "call_module" and n.target.startswith("gsr_chain"))
