@@ -112,9 +112,15 @@ class GSRModule(nn.Module):
         key = self._cached_key(self.training, base, inputs)
         if key is None:
             data_args = {n: v for n, v in zip(parameters, arguments) if n in data_signatures}
+            # Compiling runs the model on the real inputs (shape propagation, dropout
+            # included): it must not move the caller's random streams, or the first call
+            # would draw other dropout masks than the model as written.
+            devices = sorted({t.device.index or 0 for t in inputs.values()
+                              if t.device.type == "cuda"})
             try:
-                key = self._compile(self.training, base, concrete, names, bound, inputs,
-                                    data_args)
+                with torch.random.fork_rng(devices=devices):
+                    key = self._compile(self.training, base, concrete, names, bound, inputs,
+                                        data_args)
             except LayerFailedError as e:
                 raise _whose_failure(source, e, args, kwargs, self.training) from e.__cause__
         gm = self._graphs[key]

@@ -49,11 +49,24 @@ try:  # PyG is a dependency, but keep tracing usable for plain torch models with
     from torch_geometric.nn.dense.linear import Linear as PyGLinear
     from torch_geometric.nn.models.rev_gnn import InvertibleModule
 
+    from torch_geometric.nn.pool import global_add_pool, global_max_pool, global_mean_pool
+    from torch_geometric.utils import scatter, to_dense_batch
+
     _PYG_LEAVES: tuple[type, ...] = (MessagePassing, Aggregation, PyGLinear, PyGMLP)
     _ALREADY_REVERSIBLE: tuple[type, ...] = (InvertibleModule,)
+    # PyG functions that read index values (a batch vector's max) to size their output: called
+    # as written, one node each, wherever a traced forward names them.
+    _PYG_LEAF_FUNCTIONS: tuple = (global_add_pool, global_mean_pool, global_max_pool, scatter,
+                                  to_dense_batch)
+    from torch_geometric.nn.pool import MemPooling
+
+    # Static methods of PyG classes that do the same: (class, name).
+    _PYG_LEAF_STATIC_METHODS: tuple = ((MemPooling, "kl_loss"),)
 except ImportError:  # pragma: no cover - exercised only without PyG
     _PYG_LEAVES = ()
     _ALREADY_REVERSIBLE = ()
+    _PYG_LEAF_FUNCTIONS = ()
+    _PYG_LEAF_STATIC_METHODS = ()
 
 
 def _is_pyg_norm(module: nn.Module) -> bool:
@@ -244,7 +257,7 @@ class GSRTracer(fx.Tracer):
                  leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset(),
                  breaks: dict[str, LeafRecord] | None = None,
                  data_args: dict[str, Any] | None = None) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=_PYG_LEAF_FUNCTIONS)
         self.data_args = data_args or {}
         self.inputs = dict(inputs or {})
         self.leaf_types = leaf_types
@@ -455,6 +468,46 @@ class _CheckpointPatched:
         self.undo.clear()
 
 
+class _LeafFunctionAttributesPatched:
+    """A module attribute holding a PyG leaf function (``self.pool = global_mean_pool``, as
+    OGB's examples choose their pooling), or a PyG static method of the same kind
+    (``MemPooling.kl_loss``), is not a global that fx's autowrap patches: while tracing,
+    calling it with traced values records one ``call_function`` node."""
+
+    def __init__(self, tracer: GSRTracer, model: nn.Module) -> None:
+        self.tracer, self.model, self.undo = tracer, model, []
+
+    def _leaf_call(self, fn):
+        def call(*args, **kwargs):
+            traced = []
+            fx.node.map_aggregate((args, kwargs), lambda a: traced.append(
+                isinstance(a, fx.Proxy)) or a)
+            if any(traced):
+                return self.tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+        return call
+
+    def __enter__(self):
+        for m in self.model.modules():
+            for key, value in list(vars(m).items()):
+                if any(value is f for f in _PYG_LEAF_FUNCTIONS):
+                    m.__dict__[key] = self._leaf_call(value)
+                    self.undo.append((m.__dict__, key, value))
+        for owner, name in _PYG_LEAF_STATIC_METHODS:
+            original = owner.__dict__[name]
+            setattr(owner, name, staticmethod(self._leaf_call(original.__func__)))
+            self.undo.append((owner, name, original))
+        return self
+
+    def __exit__(self, *exc):
+        for target, key, value in reversed(self.undo):
+            if isinstance(target, dict):
+                target[key] = value
+            else:
+                setattr(target, key, value)
+        self.undo.clear()
+
+
 # -- entry points ----------------------------------------------------------------------
 
 def split_call_arguments(
@@ -554,7 +607,7 @@ def trace(model: nn.Module, concrete_args: dict[str, Any],
     while True:
         tracer = GSRTracer(inputs, leaf_types, leaf_names, breaks, data_args)
         try:
-            with _CheckpointPatched(tracer, model):
+            with _CheckpointPatched(tracer, model), _LeafFunctionAttributesPatched(tracer, model):
                 graph = tracer.trace(model, concrete_args=concrete_args or None)
             break
         except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ...

@@ -28,7 +28,9 @@ class GradientSlots:
         self._written: set[int] = set()
         self._owned: set[int] = set()  # buffers no one else holds: safe to add into
         for t in wrt:
-            if id(t) not in self._buffers:
+            # A sparse side input (a torch.sparse adj_t) has no dense buffer: its gradient,
+            # if any, is kept as autograd gives it.
+            if id(t) not in self._buffers and t.layout == torch.strided:
                 self._buffers[id(t)] = torch.empty_like(t, memory_format=torch.preserve_format)
 
     def accumulate(self, t: Tensor, grad: Tensor) -> None:

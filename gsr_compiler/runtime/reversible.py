@@ -549,7 +549,7 @@ def _chain_backward(ctx, chain: ReversibleChain, y: Tensor, grad_y: Tensor, side
                 if scratch is not None:
                     # A branch that passes its gradient through (out = inp + s) returns the
                     # arena's own view; what leaves this call must not alias the arena.
-                    grads[1:] = [g.clone() if g is not None
+                    grads[1:] = [g.clone() if g is not None and g.layout == torch.strided
                                  and g.untyped_storage().data_ptr() == arena_storage else g
                                  for g in grads[1:]]
                 # The inverse, after the gradient: an in-place write into the arena before it

@@ -20,7 +20,7 @@ WIDTH = 32
 EXPECTED = {
     "deepgcn_proteins": "converts",   # DeepGCNLayer res+ chain (GENConv with edge_attr)
     "rev_gnn": "unchanged",           # already GroupAddRev: left as it is, with a reason
-    "graph_gps": "unchanged",         # GPSConv stack: no residual around the outer layers
+    "graph_gps": "converts",          # the residuals inside each GPSConv (its MPNN and MLP)
     "gcn2_cora": "unchanged",         # x = relu(conv(x, x_0)): no identity residual
     "gcn2_ppi": "converts",           # x = relu(h + x): one-block chains between the ReLUs
     "egc": "converts",                # x = x + relu(norm(EGConv(x))): two-stream coupling

@@ -26,39 +26,18 @@ from .corpus import CORPUS, EXPECTED, build, float_tensors, scalar_loss
 
 CONVERTING = [name for name in CORPUS if EXPECTED[name] == "converts"]
 
-DATA_INPUT = "not in issue 16's list: a forward taking one PyG Data object is refused"
-SPARSE_SAVED = ("not in issue 16's list (near item 8): saved_bytes_of_step cannot count a torch "
-                "sparse CSR tensor autograd saves")
-
 # ---------------------------------------------------------------------------------------------
 # Checks that fail on the current code, (model, check) -> why. Shrink this as fixes land.
 # ---------------------------------------------------------------------------------------------
-FAILS_TODAY: dict[tuple[str, str], str] = {}
-for _check in ("compiles", "trains", "eval_and_state_dict", "gradients", "saved_bytes"):
-    FAILS_TODAY.update({
-        ("deepgcn_proteins", _check): "issue 16 item 1: DeepGCNLayer ckpt_grad branches on "
-                                      "requires_grad, reported as data-dependent control flow",
-        ("rev_gnn", _check): "issue 16 item 5: GroupAddRev is traced into and fails (LayerNorm "
-                             "of one group gets the full width) instead of being left alone",
-        ("graph_gps", _check): "issue 16 item 2: GPSConv is traced into and aborts the compile",
-        ("egc", _check): "issue 16 item 2: AtomEncoder loop over x.shape[1] aborts the compile",
-        ("mem_pool", _check): "issue 16 item 2: tracing into MemPooling aborts the compile "
-                              "(control flow on a traced value)",
-        ("pcqm4m_gin", _check): DATA_INPUT,
-        ("resgen_molhiv", _check): DATA_INPUT,
-        ("deepgcn_ppi", _check): DATA_INPUT,
-    })
-FAILS_TODAY.update({
-    ("gcn2_ppi", "compiles"): "issue 16 item 4: no width rule for GCN2Conv (left unchanged)",
-    ("gcn2_ppi", "gradients"): "issue 16 item 4: no width rule for GCN2Conv (left unchanged)",
-    ("gcn2_ppi", "saved_bytes"): SPARSE_SAVED + "; then issue 16 item 4 (not converted)",
-    ("gcn2_cora", "saved_bytes"): SPARSE_SAVED,
-    ("resgen_arxiv", "compiles"): "issue 16 item 4: 'no width rule for GENConv' for the "
-                                  "user's own GENConv class",
-    ("resgen_arxiv", "gradients"): "issue 16 item 4: the user's GENConv is not converted",
-    ("resgen_arxiv", "saved_bytes"): "issue 16 item 3: the user's torch.utils.checkpoint is "
-                                     "removed by tracing (3.9x eager's saved bytes)",
-})
+FAILS_TODAY: dict[tuple[str, str], str] = {
+    ("gcn2_ppi", "saved_bytes"): "issue 16: a ReLU after each residual sum splits the model "
+                                 "into 16 one-block two-stream chains, each keeping its input "
+                                 "and output: 0.89x eager's saved bytes at depth 16, not at "
+                                 "most half",
+    ("resgen_arxiv", "saved_bytes"): "issue 16: the converted chain keeps 0.78x eager's saved "
+                                     "bytes at depth 16 (eager checkpoints its blocks), not at "
+                                     "most half",
+}
 # ---------------------------------------------------------------------------------------------
 
 
@@ -134,8 +113,10 @@ def test_trains(name):
 @pytest.mark.parametrize("name", cases("eval_and_state_dict"))
 def test_eval_and_state_dict_round_trip(name):
     _, gsr, inputs = compiled(name)
-    optimizer = torch.optim.SGD(gsr.parameters(), lr=1e-2)
-    scalar_loss(gsr(*inputs)).backward()  # one step, so the state is not the initial one
+    # one small step, so the state is not the initial one (at lr 1e-2 the summed-pooling
+    # models, pcqm4m_gin, step to NaN weights, eager as much as compiled)
+    optimizer = torch.optim.SGD(gsr.parameters(), lr=1e-4)
+    scalar_loss(gsr(*inputs)).backward()
     optimizer.step()
 
     gsr.eval()
