@@ -71,12 +71,32 @@ class ReplayStats:
     unsafe: int = 0
 
 
+def _pack_bits(mask: Tensor) -> Tensor:
+    """A flat bool mask as uint8 bytes, 8 elements each (little-endian bit order)."""
+    padded = torch.zeros(-(-mask.numel() // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:mask.numel()] = mask.reshape(-1)
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=mask.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).bool().reshape(-1)[:numel]
+
+
 @dataclass
 class _SignRecord:
+    """A ReLU's recorded sign choices: sparse (flat positions and the forward's ``x > 0``
+    there), or, where more than about one element in 20 is recorded (a ReLU of a ReLU's
+    output, whose many exact zeros all sit at the margin), two bitmasks over every element,
+    2 bits each instead of 40 per recorded one."""
+
     shape: tuple
-    positions: Tensor  # flat positions of the recorded elements
-    positive: Tensor   # bool: the forward's choice (x > 0)
+    positions: Tensor  # flat positions of the recorded elements, or the recorded bitmask
+    positive: Tensor   # bool: the forward's choice (x > 0) there, or its bitmask
     margins: Optional[Tensor] = None  # their margins, until ChoiceTape.keep
+    dense: bool = False
+    count: int = 0     # recorded elements
 
     def tensors(self) -> list[Tensor]:
         return [self.positions, self.positive]
@@ -85,6 +105,24 @@ class _SignRecord:
         keep = self.margins < margin
         self.positions, self.positive = self.positions[keep], self.positive[keep]
         self.margins = None
+        self.count = self.positions.numel()
+        numel = math.prod(self.shape)
+        sparse_bits = self.count * (self.positions.element_size() + 1) * 8
+        if sparse_bits > 2 * numel + 64:
+            recorded = torch.zeros(numel, dtype=torch.bool, device=self.positions.device)
+            recorded[self.positions.long()] = True
+            positive = torch.zeros_like(recorded)
+            positive[self.positions.long()] = self.positive
+            self.positions, self.positive = _pack_bits(recorded), _pack_bits(positive)
+            self.dense = True
+
+    def choices(self) -> tuple[Tensor, Tensor]:
+        """Flat positions (int64, ascending) and the forward's ``x > 0`` there."""
+        if not self.dense:
+            return self.positions.long(), self.positive
+        numel = math.prod(self.shape)
+        positions = _unpack_bits(self.positions, numel).nonzero().reshape(-1)
+        return positions, _unpack_bits(self.positive, numel)[positions]
 
 
 @dataclass
@@ -187,8 +225,7 @@ class ChoiceTape:
             for r in records:
                 r.keep_below(self._block_margins.get(block, self.margin))
         kept = self.tensors()
-        self.stats.recorded = sum(r.positions.numel() if isinstance(r, _SignRecord)
-                                  else r.pairs.numel()
+        self.stats.recorded = sum(r.count if isinstance(r, _SignRecord) else r.pairs.numel()
                                   for records in self._records.values() for r in records)
         self.stats.nbytes = sum(t.numel() * t.element_size() for t in kept)
 
@@ -254,8 +291,7 @@ def record_signs(site: _Site, shape: tuple, positions: Tensor, positive: Tensor,
 
 def recorded_signs(site: _Site, shape: tuple) -> tuple[Tensor, Tensor]:
     """The next recorded sign choices: flat positions (int64) and the forward's ``x > 0``."""
-    record = site.take(_SignRecord, tuple(shape))
-    return record.positions.long(), record.positive
+    return site.take(_SignRecord, tuple(shape)).choices()
 
 
 # -- selections: the group top-k ------------------------------------------------------------

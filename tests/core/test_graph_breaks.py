@@ -209,7 +209,7 @@ def test_graph_breaks_leave_an_unconverted_model_exactly_as_eager():
 
 
 class GraphTransformerAndPool(nn.Module):
-    """PyG modules that are not MessagePassing and do not trace: GPSConv, MemPooling."""
+    """PyG modules that are not MessagePassing: GPSConv, MemPooling (which does not trace)."""
 
     def __init__(self, depth=3):
         super().__init__()
@@ -232,8 +232,9 @@ def test_pyg_modules_that_do_not_trace_are_graph_breaks():
     x, edge_index = random_graph()
     batch = torch.zeros(NODES, dtype=torch.long)
     gsr = gsr_compile(model, example_inputs=(x, edge_index, batch))
-    assert sorted(leaf.module for leaf in gsr.report.leaves) == ["gps", "pool"]
-    assert gsr.report.chains and gsr.report.chains[0].depth == 3
+    # GPSConv traces (its to_dense_batch is one node, called as written); MemPooling does not
+    assert sorted(leaf.module for leaf in gsr.report.leaves) == ["pool"]
+    assert any(c.depth == 3 for c in gsr.report.chains)
     with torch.no_grad():
         assert gsr(x, edge_index, batch).shape == model(x, edge_index, batch).shape
 

@@ -34,9 +34,6 @@ FAILS_TODAY: dict[tuple[str, str], str] = {
                                  "into 16 one-block two-stream chains, each keeping its input "
                                  "and output: 0.89x eager's saved bytes at depth 16, not at "
                                  "most half",
-    ("resgen_arxiv", "saved_bytes"): "issue 16: the converted chain keeps 0.78x eager's saved "
-                                     "bytes at depth 16 (eager checkpoints its blocks), not at "
-                                     "most half",
 }
 # ---------------------------------------------------------------------------------------------
 

@@ -232,6 +232,33 @@ def test_replayed_relu_is_relu_outside_a_chain_and_replays_signs_inside(slope):
     assert stats.forced == 2 and stats.unsafe >= 1
 
 
+def test_a_relu_of_relu_outputs_keeps_bitmasks_and_replays_the_same_signs():
+    """Half of a ReLU output is exactly 0: a second ReLU records all of those (margin 0).
+    The record then keeps two bits per element instead of 40 per recorded one, and the
+    recompute forces the same choices."""
+    g = torch.Generator().manual_seed(0)
+    x = F.relu(torch.randn(64, 32, generator=g))
+    x[3, :4] = torch.tensor([1e-8, 2e-8, 3e-8, 4e-8])  # recorded, positive
+    relu = ReplayedReLU()
+    tape = ChoiceTape(1e-4)
+    with torch.no_grad(), tape.site(0, 0, replay=False):
+        relu(x)
+    tape.keep({0: 1e-4})
+    recorded = int((x == 0).sum()) + 4
+    assert tape.stats.recorded == recorded
+    assert tape.nbytes <= 2 * x.numel() // 8 + 16 < recorded * 5  # bitmasks, not positions
+    moved = x.clone()
+    moved[x == 0] = 1e-9  # every exact zero moves to the other side in the recompute
+    moved[3, :4] = -1e-9
+    leaf = moved.clone().requires_grad_()
+    with tape.site(0, 0, replay=True):
+        out = relu(leaf)
+    out.sum().backward()
+    assert torch.equal(leaf.grad, (x > 0).float())  # the forward's signs, not the moved ones
+    assert torch.equal(out, torch.where(x > 0, moved, torch.zeros_like(moved)))
+    assert tape.settle().forced == recorded
+
+
 def test_a_recompute_that_runs_other_ops_is_an_error():
     tape = ChoiceTape(1e-4)
     x = torch.randn(10, 8)
