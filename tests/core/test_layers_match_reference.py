@@ -26,10 +26,14 @@ def run_step(module, inputs, seed, weight):
     return out.detach(), grads
 
 
-def assert_close_rel(a, b, what, tol=1e-9):
+def assert_close_rel(a, b, what, tol=1e-9, step_scale=0.0):
     assert a is not None and b is not None, what
-    # Gradients that vanish in theory (a bias feeding BatchNorm) are compared absolutely.
-    scale = b.abs().max().clamp_min(1e-4)
+    # Gradients that vanish in theory (a bias feeding BatchNorm) are compared absolutely: to
+    # the step's largest gradient where they are rounding noise next to it, else to 1e-4.
+    scale = b.abs().max()
+    if scale <= 64 * torch.finfo(b.dtype).eps * step_scale:
+        scale = torch.tensor(step_scale)
+    scale = scale.clamp_min(1e-4)
     err = ((a - b).abs().max() / scale).item()
     assert err < tol, f"{what}: relative error {err:.3g}"
 
@@ -56,8 +60,10 @@ def test_forward_and_all_gradients_match_reference(name):
     assert_close_rel(out, out_ref, "forward")
     ref_names = {f"compiled.{k}": k for k in grads_ref}
     assert set(grads) - {"x", "edge_attr"} == {f"compiled.{k}" for k in grads_ref} - {"compiled.x", "compiled.edge_attr"}
+    step_scale = max(float(g.abs().max()) for g in grads_ref.values())
     for key, g in grads.items():
-        assert_close_rel(g, grads_ref[ref_names.get(key, key)], f"grad {key}")
+        assert_close_rel(g, grads_ref[ref_names.get(key, key)], f"grad {key}",
+                         step_scale=step_scale)
 
 
 @pytest.mark.parametrize("groups", [2, 4])
