@@ -28,7 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from gsr_compiler import gsr_compile  # noqa: E402
+from gsr_compiler import GSRConfig, gsr_compile  # noqa: E402
 from gsr_compiler.memory import saved_bytes_of_step  # noqa: E402
 from tests.corpus.corpus import CORPUS, build, scalar_loss  # noqa: E402
 from tests.corpus.graphs import graph_scale  # noqa: E402
@@ -43,11 +43,11 @@ def step_time(model, inputs) -> float:
     return time.perf_counter() - began
 
 
-def measure(name: str, depth: int, width: int, steps: int) -> dict:
+def measure(name: str, depth: int, width: int, steps: int, coupling: str = "auto") -> dict:
     model, inputs = build(name, depth=depth, width=width)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gsr = gsr_compile(model, example_inputs=inputs)
+        gsr = gsr_compile(model, GSRConfig(coupling=coupling), example_inputs=inputs)
         eager_saved = saved_bytes_of_step(model, inputs, loss_fn=lambda out, _: scalar_loss(out))
         gsr_saved = saved_bytes_of_step(gsr, inputs, loss_fn=lambda out, _: scalar_loss(out))
         times = {"eager": [], "gsr": []}
@@ -68,9 +68,10 @@ def measure(name: str, depth: int, width: int, steps: int) -> dict:
 
 
 def markdown(rows: list[dict], args, meta: dict) -> str:
-    lines = [f"# The corpus at {args.depth} blocks, width {args.width}, graphs x{args.scale}", "",
+    lines = [f"# The corpus at {args.depth} blocks, width {args.width}, graphs x{args.scale}, "
+             f"coupling {args.coupling}", "",
              f"`python benchmarks/bench_corpus.py --depth {args.depth} --width {args.width} "
-             f"--steps {args.steps} --scale {args.scale}` at commit {meta['commit']}, on {meta['machine']}, torch "
+             f"--steps {args.steps} --scale {args.scale} --coupling {args.coupling}` at commit {meta['commit']}, on {meta['machine']}, torch "
              f"{meta['torch']}, {meta['threads']} torch thread(s).", "",
              "| model | chains (blocks) | coupling | saved, eager | saved, compiled | ratio | "
              "step, eager | step, compiled | ratio |", "|---|--:|---|--:|--:|--:|--:|--:|--:|"]
@@ -95,13 +96,15 @@ def main(argv=None) -> int:
                     help="graphs this many times larger than the tests' (200 nodes, or 8 "
                          "molecules, at 1)")
     ap.add_argument("--models", default=",".join(CORPUS))
+    ap.add_argument("--coupling", default="auto", choices=["auto", "grouped", "two-stream"],
+                    help="GSRConfig.coupling of every compiled model")
     ap.add_argument("--out", default=None, help="folder for results.json and results.md")
     args = ap.parse_args(argv)
     rows = []
     for name in args.models.split(","):
         try:
             with graph_scale(args.scale):
-                rows.append(measure(name, args.depth, args.width, args.steps))
+                rows.append(measure(name, args.depth, args.width, args.steps, args.coupling))
         except Exception as e:  # recorded: the table says which model failed and why
             rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         print(json.dumps(rows[-1]), flush=True)
