@@ -98,7 +98,11 @@ def _metis(edge_index: Tensor, num_nodes: int, num_parts: int, seed: int) -> np.
             "or use method='bfs' or 'level'.") from None
     xadj, adjncy = _undirected_csr(edge_index, num_nodes)
     options = pymetis.Options(seed=seed)
-    _, membership = pymetis.part_graph(num_parts, xadj=xadj, adjncy=adjncy, options=options)
+    if hasattr(pymetis, "CSRAdjacency"):  # pymetis >= 2025
+        graph = {"adjacency": pymetis.CSRAdjacency(xadj, adjncy)}
+    else:
+        graph = {"xadj": xadj, "adjncy": adjncy}
+    _, membership = pymetis.part_graph(num_parts, **graph, options=options)
     return np.asarray(membership, dtype=np.int64)
 
 

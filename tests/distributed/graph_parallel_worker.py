@@ -1,5 +1,6 @@
 """What each rank runs in tests/distributed/test_graph_parallel.py (started with
-torch.multiprocessing.spawn; results go to files the test compares)."""
+torch.multiprocessing.spawn); each case's results go to a file that the test compares with a
+single process."""
 from __future__ import annotations
 
 import os
@@ -21,40 +22,49 @@ def build(case: dict) -> torch.nn.Module:
 
 
 def loss_of(out: torch.Tensor, y: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    # A sum over nodes: each rank's part of it, summed over ranks, is the whole.
+    # A sum over nodes: the ranks' parts of it add up to the whole.
     return ((out - y) ** 2).sum() / num_nodes + out.sin().sum() / num_nodes
 
 
-def run_rank(rank: int, world: int, store: str, workdir: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def sgd_step(model: torch.nn.Module, lr: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+
+
+def run_case(rank: int, world: int, case: dict) -> dict:
+    data = case["data"]
+    local = GraphPartition(case["parts"], world, "given").local(data["edge_index"], rank)
+    gsr_model = build(case)
+    gp = GraphParallelModel(gsr_model, local)
+    x = local.rows(data["x"])
+    gp.prepare(x)
+    gsr_model.load_state_dict(case["state"])
+    results = {"owned": local.owned, "halo": local.num_halo,
+               "sent_rows": int(local.send_index.numel()), "outputs": [], "grads": [],
+               "stats": []}
+    for step in range(case["steps"]):
+        torch.manual_seed(case["step_seed"] + step)
+        gp.reset_stats()
+        out = gp(x)
+        loss = loss_of(out, local.rows(data["y"]), data["x"].shape[0])
+        gsr_model.zero_grad(set_to_none=True)
+        loss.backward()
+        gp.all_reduce_gradients()
+        results["outputs"].append(out.detach().clone())
+        results["grads"].append({n: p.grad.clone() for n, p in gsr_model.named_parameters()})
+        results["stats"].append(gp.local_stats())
+        sgd_step(gsr_model, case["lr"])
+    results["describe"] = gp.describe()
+    return results
+
+
+def run_rank(rank: int, world: int, store: str, workdir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        case = torch.load(os.path.join(workdir, "case.pt"), weights_only=False)
-        data = case["data"]
-        part = GraphPartition(case["parts"], world, "given")
-        local = part.local(data["edge_index"], rank)
-        gsr_model = build(case)
-        gp = GraphParallelModel(gsr_model, local)
-        x = local.rows(data["x"])
-        gp.prepare(x)
-        gsr_model.load_state_dict(case["state"])
-        results = {"owned": local.owned, "outputs": [], "grads": []}
-        for step in range(case["steps"]):
-            torch.manual_seed(case["step_seed"] + step)
-            gp.reset_stats()
-            out = gp(x)
-            loss = loss_of(out, local.rows(data["y"]), data["x"].shape[0])
-            gsr_model.zero_grad(set_to_none=True)
-            loss.backward()
-            gp.all_reduce_gradients()
-            results["outputs"].append(out.detach())
-            results["grads"].append({n: p.grad.clone() for n, p in gsr_model.named_parameters()})
-            results.setdefault("stats", []).append(gp.local_stats())
-            with torch.no_grad():
-                for p in gsr_model.parameters():
-                    p -= case["lr"] * p.grad
-        results["describe"] = gp.describe()
-        torch.save(results, os.path.join(workdir, f"rank{rank}.pt"))
+        for name in names:
+            case = torch.load(os.path.join(workdir, f"{name}.pt"), weights_only=False)
+            torch.save(run_case(rank, world, case), os.path.join(workdir, f"{name}.rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
