@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["GraphPartitionError", "GraphPartition", "LocalGraph", "partition_graph",
-           "check_partitionable", "METHODS", "metis_available"]
+           "check_partitionable", "check_num_parts", "METHODS", "metis_available"]
 
 METHODS = ("auto", "metis", "bfs", "level", "contiguous")
 
@@ -48,11 +48,16 @@ def metis_available() -> bool:
     return True
 
 
-def check_partitionable(num_nodes: int, num_parts: int) -> None:
-    """Raises :class:`GraphPartitionError` unless ``num_parts`` ranks can each own a node."""
+def check_num_parts(num_parts: int) -> None:
+    """Raises :class:`GraphPartitionError` unless ``num_parts`` is a positive integer."""
     if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
         raise GraphPartitionError(
             f"number of ranks must be a positive integer, got {num_parts!r}.")
+
+
+def check_partitionable(num_nodes: int, num_parts: int) -> None:
+    """Raises :class:`GraphPartitionError` unless ``num_parts`` ranks can each own a node."""
+    check_num_parts(num_parts)
     if num_nodes < num_parts:
         raise GraphPartitionError(
             f"the graph has {num_nodes} node(s), fewer than the {num_parts} ranks asked for: "

@@ -235,3 +235,58 @@ def test_layers_a_rank_cannot_run_alone_are_named():
     check_graph_parallel_model(build(dict(model_seed=0, in_channels=3, width=8, out_channels=1,
                                           depth=2, conv="sage", dropout=0.1,
                                           dtype=torch.float32, config={})))
+
+
+# -- gsr train --graph-parallel N ---------------------------------------------------------------
+
+
+def _gsr_train(monkeypatch, capsys, *argv):
+    import subprocess
+
+    from gsr_compiler import cli
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(subprocess, "run", no_launch)
+    code = cli.main(["train", *argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--graph-parallel", "50", "--train", "c17"], "fewer than the 50 ranks"),
+    (["--graph-parallel", "0", "--train", "c880"], "positive integer"),
+    (["--graph-parallel", "2", "--train", "c880,c432"], "one circuit"),
+    (["--graph-parallel", "2", "--train", "c880", "--resume"], "--resume"),
+    (["--graph-parallel", "2", "--train", "c880", "--conv", "gcn"], "normalize=True"),
+    (["--graph-parallel", "2", "--train", "c880", "--partition", "spectral"], "spectral"),
+])
+def test_cli_refuses_bad_runs_before_starting_processes(monkeypatch, capsys, tmp_path, argv,
+                                                        message):
+    out = tmp_path / "run"
+    code, err = _gsr_train(monkeypatch, capsys, *argv, "--gsr", "--out", str(out))
+    assert code == 2 and message in err, err
+    assert not out.exists()
+
+
+def test_cli_trains_one_circuit_on_two_ranks(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gsr_compiler.cli", "train", "--graph-parallel", "2", "--train",
+         "c880", "--gsr", "--depth", "4", "--width", "16", "--steps", "12", "--eval-every", "6",
+         "--lr", "0.01", "--dropout", "0.1", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "383 nodes on 2 ranks" in proc.stdout and "step 12/12" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ranks"] == 2 and len(metrics["losses"]) == 12
+    assert metrics["losses"][-1] < metrics["losses"][0]
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert any("blocks" in k for k in state)
