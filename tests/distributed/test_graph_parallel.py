@@ -1,12 +1,12 @@
 """Graph-parallel full-graph training equals the single-process model.
 
-Each case compiles a ResidualGNN (SAGE, pre-norm, reversible chain) on the c880 circuit in
+Each case compiles a ResidualGNN (pre-norm, reversible chain) on the c880 circuit in
 float64, runs two SGD steps in one process, then the same on 2 and 3 gloo ranks (spawned, one
 thread each) and compares every output row and every parameter gradient at both steps. Dropout
 is on in most cases: the single process then uses the node-id-keyed masks
 (``use_row_keyed_dropout`` with ``arange(N)``) that the ranks use; the case without dropout
 compares against the compiled model as it is. The bytes each rank exchanged are checked against
-the formula of docs/distributed.md.
+the formula of docs/distributed.md. SAGE, GAT and GIN layers; METIS, BFS and level partitions.
 """
 from __future__ import annotations
 
@@ -28,12 +28,14 @@ from .graph_parallel_worker import build, loss_of, run_rank, sgd_step
 
 DEPTH, WIDTH, K = 4, 16, 4
 CASES = {
-    # name: (GSRConfig options, dropout, partition method)
-    "dense_dropout": ({}, 0.2, "metis" if metis_available() else "bfs"),
-    "sparse_dropout": ({"sparse_k": K}, 0.2, "level"),
-    "sparse_no_dropout": ({"sparse_k": K}, 0.0, "bfs"),
-    "two_stream_dropout": ({"coupling": "two-stream"}, 0.2, "bfs"),
-    "dense_plain": ({}, 0.0, "level"),
+    # name: (GSRConfig options, dropout, partition method, conv)
+    "dense_dropout": ({}, 0.2, "metis" if metis_available() else "bfs", "sage"),
+    "sparse_dropout": ({"sparse_k": K}, 0.2, "level", "sage"),
+    "sparse_no_dropout": ({"sparse_k": K}, 0.0, "bfs", "sage"),
+    "two_stream_dropout": ({"coupling": "two-stream"}, 0.2, "bfs", "sage"),
+    "dense_plain": ({}, 0.0, "level", "sage"),
+    "gat_dropout": ({}, 0.2, "bfs", "gat"),  # softmax over each node's incoming edges
+    "gin_sparse_dropout": ({"sparse_k": K}, 0.2, "bfs", "gin"),
 }
 
 
@@ -46,9 +48,9 @@ def circuit():
 
 
 def _case(circuit: dict, name: str, world: int) -> tuple[dict, list]:
-    options, dropout, method = CASES[name]
+    options, dropout, method, conv = CASES[name]
     case = dict(model_seed=1, in_channels=circuit["x"].shape[1], width=WIDTH, out_channels=2,
-                depth=DEPTH, conv="sage", dropout=dropout, dtype=torch.float64, config=options,
+                depth=DEPTH, conv=conv, dropout=dropout, dtype=torch.float64, config=options,
                 step_seed=11, steps=2, lr=0.05, data=circuit)
     n = circuit["x"].shape[0]
     gsr = build(case)
