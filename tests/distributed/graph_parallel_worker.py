@@ -33,7 +33,8 @@ def sgd_step(model: torch.nn.Module, lr: float) -> None:
 
 
 def run_case(rank: int, world: int, case: dict) -> dict:
-    data = case["data"]
+    data = {k: v.to(case["dtype"]) if v.is_floating_point() else v
+            for k, v in case["data"].items()}
     local = GraphPartition(case["parts"], world, "given").local(data["edge_index"], rank)
     gsr_model = build(case)
     gp = GraphParallelModel(gsr_model, local)
