@@ -9,7 +9,9 @@ docs/distributed.md (dense, G groups of width D/G, float32):
 
     received_r = L * D * 4 * (2 * H_r + S_r)        sent_r = L * D * 4 * (2 * S_r + H_r)
 
-with L blocks, H_r halo rows received and S_r rows sent per exchange.
+with L blocks, H_r halo rows received and S_r rows sent per exchange; with ``--sparse-k k`` the
+layers exchange compressed rows, ``2 k (4 + 1)`` bytes per block forward and ``2 k 4`` for the
+gradient, in place of ``4 D``.
 
     python benchmarks/bench_graph_parallel.py --circuit b19_Cg --width 64 --depth 16 \\
         --ranks 2 4 --json graph_parallel.json
@@ -111,9 +113,12 @@ def worker(args) -> None:
     measured = _measure(step)
     stats = gp.local_stats()
     h, s = stats["halo"], stats["sent_rows"]
-    row = args.width * 4 if args.sparse_k is None else None
-    formula = None if row is None else {
-        "received": args.depth * row * (2 * h + s), "sent": args.depth * row * (2 * s + h)}
+    if args.sparse_k is None:  # G = 2 branches of width D/2 per block: D floats per row
+        row = grad_row = args.width * 4
+    else:  # per block, 2 branches with one top-k group each: k values + k one-byte indices
+        row, grad_row = 2 * args.sparse_k * (4 + 1), 2 * args.sparse_k * 4
+    formula = {"received": args.depth * (2 * h * row + s * grad_row),
+               "sent": args.depth * (2 * s * row + h * grad_row)}
     mine = {"ranks": world, "rank": rank, "nodes": n, "method": method[0], **stats, **measured,
             "formula_bytes": formula}
     table = gp.describe()
@@ -181,7 +186,7 @@ def main() -> None:
         print("  rank   owned    halo   RSS rise  x single   step s   MiB recv (formula)   "
               "MiB sent (formula)")
         for r in rows:
-            f = r["formula_bytes"] or {"received": float("nan"), "sent": float("nan")}
+            f = r["formula_bytes"]
             print(f"  {r['rank']:>4} {r['owned']:>7} {r['halo']:>7} {r['rss_rise'] / 2**20:>8.1f}M"
                   f" {r['rss_rise'] / single['rss_rise']:>8.3f}x {r['step_seconds']:>8.1f}"
                   f" {r['bytes_received'] / 2**20:>9.2f} ({f['received'] / 2**20:.2f})"

@@ -209,6 +209,20 @@ class GraphParallelModel(nn.Module):
     def reset_stats(self) -> None:
         self.plan.stats.reset()
 
+    def explain(self) -> str:
+        """The compiled model's ``explain()`` followed by this rank's part of the graph and what
+        its exchanges moved since the last :meth:`reset_stats` (not collective)."""
+        inner = self.module.explain() if hasattr(self.module, "explain") else ""
+        s = self.local_stats()
+        layers = len(message_passing_layers(self.module))
+        part = (f"graph-parallel rank {s['rank']} of {self.local.num_parts}: {s['owned']} of "
+                f"{self.local.num_nodes} nodes owned, {s['halo']} halo rows received and "
+                f"{s['sent_rows']} rows sent per exchange, {s['edges']} edges; exchange before "
+                f"{layers} message-passing layer(s); since the last reset: "
+                f"{s['forward_calls']} forward and {s['backward_calls']} gradient exchanges, "
+                f"{s['bytes_received']} bytes received, {s['bytes_sent']} sent")
+        return f"{inner}\n{part}" if inner else part
+
     def describe(self) -> str:
         """Per rank: owned nodes, halo rows, rows sent, local edges and the bytes exchanged
         since the last :meth:`reset_stats` (call it after one step to get bytes per step).

@@ -57,6 +57,7 @@ def run_case(rank: int, world: int, case: dict) -> dict:
         results["stats"].append(gp.local_stats())
         sgd_step(gsr_model, case["lr"])
     results["describe"] = gp.describe()
+    results["explain"] = gp.explain()
     return results
 
 

@@ -145,6 +145,18 @@ def test_bytes_exchanged_match_formula(runs, name):
     assert max(r["halo"] for r in results[name]) > 0  # edges are cut: the exchange runs
 
 
+def test_reports_name_each_rank(runs):
+    world, _, results = runs
+    for name, ranks in results.items():
+        table = ranks[0]["describe"].splitlines()
+        assert table[0] == f"graph-parallel: {sum(r['owned'].numel() for r in ranks)} nodes on " \
+            f"{world} ranks"
+        for rank, r in enumerate(ranks):  # one line per rank: owned, halo, ..., bytes
+            cells = table[2 + rank].split()
+            assert cells[:3] == [str(rank), str(r["owned"].numel()), str(r["halo"])]
+            assert f"{r['owned'].numel()} of" in r["explain"] and "reversible" in r["explain"]
+
+
 def test_cases_exercise_dropout_and_sparse_layers(circuit):
     # The comparisons above must be able to fail: dropout changes the outputs, and the sparse
     # cases run the compressed layers (which exchange compressed rows).
