@@ -216,6 +216,9 @@ def run_from_cli(args: argparse.Namespace) -> int:
                if value is not None]
     if args.device != "cpu":
         refused.append("--device " + args.device)
+    # Data-parallel flags (another mode of gsr train), where this parser has them.
+    refused += [flag for flag, name in (("--nproc", "nproc"), ("--dist-timeout", "dist_timeout"))
+                if getattr(args, name, None) is not None]
     if refused:
         raise ValueError(
             f"--graph-parallel does not support {', '.join(refused)} yet: it trains one circuit "

@@ -290,6 +290,18 @@ def test_cli_refuses_bad_runs_before_starting_processes(monkeypatch, capsys, tmp
     assert not out.exists()
 
 
+def test_cli_refuses_data_parallel_flags_with_graph_parallel(tmp_path):
+    from gsr_compiler.cli import build_parser
+    from gsr_compiler.distributed.train_graph_parallel import run_from_cli
+
+    args = build_parser().parse_args(["train", "--graph-parallel", "2", "--train", "c880",
+                                      "--gsr", "--out", str(tmp_path / "run")])
+    args.nproc = 2  # the data-parallel flag, where the parser has it
+    with pytest.raises(ValueError, match="--nproc"):
+        run_from_cli(args)
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_trains_one_circuit_on_two_ranks(tmp_path):
     import json
     import subprocess
