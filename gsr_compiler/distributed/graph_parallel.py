@@ -55,11 +55,30 @@ def _graph_wide_norm(m: nn.Module) -> Optional[str]:
     return None
 
 
+# Layers that propagate more than one hop per call (the halo holds one), read a second node
+# input (x_0) or normalize by the degrees of source nodes in ways the halo does not carry.
+_REFUSED_LAYERS = {
+    "APPNP": "it propagates K hops in one call",
+    "SGConv": "it propagates K hops in one call",
+    "SSGConv": "it propagates K hops in one call",
+    "TAGConv": "it propagates K hops in one call",
+    "ChebConv": "it propagates K hops in one call",
+    "ARMAConv": "it propagates several hops in one call",
+    "MixHopConv": "it propagates several hops in one call",
+    "GatedGraphConv": "it propagates several hops in one call",
+    "DNAConv": "it reads the node features of all earlier layers",
+    "GCN2Conv": "it reads a second node-feature input (x_0) and normalizes by source degrees",
+    "FAConv": "it reads a second node-feature input (x_0) and normalizes by source degrees",
+    "LGConv": "it normalizes by the degrees of source nodes",
+    "EGConv": "its 'symnorm' aggregation normalizes by the degrees of source nodes",
+}
+
+
 def check_graph_parallel_model(model: nn.Module) -> None:
     """Raises :class:`GSRCompileError` naming the first layer a rank cannot run on its own part
-    of the graph: norms over all nodes, ``GCNConv(normalize=True)`` (its edge weights need the
-    degrees of halo nodes), message-passing layers with ``flow="target_to_source"`` or dropout
-    inside them (on edges)."""
+    of the graph: norms over all nodes, multi-hop layers and others in ``_REFUSED_LAYERS``,
+    message-passing layers with ``flow="target_to_source"`` or dropout inside them (on edges).
+    ``GCNConv(normalize=True)`` is run with the whole graph's degrees (:mod:`.halo`)."""
     for name, m in model.named_modules():
         why = _graph_wide_norm(m)
         if why:
@@ -69,11 +88,11 @@ def check_graph_parallel_model(model: nn.Module) -> None:
                 "in one process.")
     for name, m in message_passing_layers(model):
         kind = type(m).__name__
-        if getattr(m, "normalize", False) and "GCN" in kind:
+        if type(m).__module__.startswith("torch_geometric") and kind in _REFUSED_LAYERS:
             raise GSRCompileError(
-                f"graph-parallel training cannot run '{name}' ({kind}(normalize=True)): its edge "
-                "weights use the degree of source nodes that other ranks own. Precompute the "
-                "normalized edge weights and use normalize=False, or another layer.")
+                f"graph-parallel training cannot run '{name}' ({kind}): "
+                f"{_REFUSED_LAYERS[kind]}, and each rank holds its nodes' one-hop halo only. "
+                "Use a one-hop layer (SAGEConv, GCNConv, GraphConv, GINConv, GATConv, GENConv).")
         if getattr(m, "flow", "source_to_target") != "source_to_target":
             raise GSRCompileError(
                 f"graph-parallel training cannot run '{name}' ({kind}, flow={m.flow!r}): ranks "

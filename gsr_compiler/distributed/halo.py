@@ -15,6 +15,10 @@ called, so the layers inside a reversible chain exchange in the chain's forward 
 backward recompute (which rebuilds activations instead of storing them): twice per layer and
 step in the forward direction, and once more, backward, for the halo gradients.
 
+``GCNConv(normalize=True)`` (and its compressed form) gets the edge weights ``gcn_norm`` gives on
+the whole graph (:meth:`HaloPlan.gcn_edges`): the degree of a halo source counts edges that other
+ranks hold.
+
 Every rank must issue the same collectives in the same order. That holds because every rank
 runs the same compiled program: a reversible chain's forward calls its blocks first to last and
 its backward last to first, group after group (``runtime/reversible.py``), with no
@@ -74,11 +78,34 @@ class HaloPlan:
     group: Optional[Any] = None
     enabled: bool = True
     stats: HaloStats = field(default_factory=HaloStats)
+    local: Optional[LocalGraph] = None
+    _gcn_edges: dict = field(default_factory=dict)
 
     @classmethod
     def from_local_graph(cls, local: LocalGraph, group: Optional[Any] = None) -> "HaloPlan":
         return cls(local.num_owned, local.send_index, list(local.send_counts),
-                   list(local.recv_counts), group)
+                   list(local.recv_counts), group, local=local)
+
+    def gcn_edges(self, add_self_loops: bool, dtype: torch.dtype,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+        """The local edges and edge weights of PyG's ``gcn_norm`` (no edge weights given) on the
+        whole graph: ``D^-1/2 (A [+ I]) D^-1/2`` with the whole graph's degrees, also for the
+        halo sources (computed locally they would count only the edges this rank holds)."""
+        key = (add_self_loops, dtype, device)
+        if key not in self._gcn_edges:
+            local = self.local
+            edge_index = local.edge_index.to(device)
+            n = local.num_owned + local.num_halo
+            if add_self_loops:  # as add_remaining_self_loops: drop loops, one per node, weight 1
+                edge_index = edge_index[:, edge_index[0] != edge_index[1]]
+                loops = torch.arange(n, device=device)
+                edge_index = torch.cat([edge_index, torch.stack([loops, loops])], dim=1)
+                degree = local.in_degree_no_loops.to(device, dtype) + 1
+            else:
+                degree = local.in_degree.to(device, dtype)
+            inv_sqrt = degree.pow(-0.5).masked_fill_(degree == 0, 0.0)
+            self._gcn_edges[key] = (edge_index, inv_sqrt[edge_index[0]] * inv_sqrt[edge_index[1]])
+        return self._gcn_edges[key]
 
     @property
     def num_halo(self) -> int:
@@ -175,10 +202,43 @@ def message_passing_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _normalizes_like_gcn(module: nn.Module) -> bool:
+    from torch_geometric.nn import GCNConv
+
+    from ..runtime.sparse.conv import CompressedGCNConv
+    return isinstance(module, (GCNConv, CompressedGCNConv)) and bool(module.normalize)
+
+
+def _gcn_arguments(module: nn.Module, plan: HaloPlan, args: tuple, kwargs: dict,
+                   x: Any) -> tuple[tuple, dict]:
+    """``(x, edge_index, edge_weight)`` with GCN's weights from whole-graph degrees; the layer
+    runs with ``normalize`` off for this call (the post hook turns it back on)."""
+    args, kwargs = list(args), dict(kwargs)
+    edge_index = args[1] if len(args) > 1 else kwargs.get("edge_index")
+    weight = args[2] if len(args) > 2 else kwargs.get("edge_weight")
+    if weight is not None:
+        raise ValueError(
+            f"{type(module).__name__}(normalize=True) with edge weights: graph-parallel training "
+            "computes GCN's normalization from the whole graph's degrees without edge weights. "
+            "Normalize the weights yourself and use normalize=False.")
+    if not isinstance(edge_index, Tensor) or edge_index.shape != plan.local.edge_index.shape:
+        raise ValueError(f"{type(module).__name__}: graph-parallel GCN layers must be called with "
+                         "the rank's local edge_index (LocalGraph.edge_index).")
+    dtype = x.dtype
+    edges, weights = plan.gcn_edges(module.add_self_loops, dtype, edge_index.device)
+    module.__dict__["_gsr_normalize_off"] = True
+    module.normalize = False
+    rest = {k: v for k, v in kwargs.items() if k not in ("x", "c", "edge_index", "edge_weight")}
+    return (x, edges, weights), rest
+
+
 def _pre_hook(plan: HaloPlan):
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         if not plan.enabled:
             return None
+        if _normalizes_like_gcn(module):
+            x = args[0] if args else kwargs.get("x", kwargs.get("c"))
+            return _gcn_arguments(module, plan, args, kwargs, halo_exchange(x, plan))
         if args:
             return (halo_exchange(args[0], plan), *args[1:]), kwargs
         key = next((k for k in ("x", "c") if k in kwargs), None)
@@ -191,6 +251,8 @@ def _pre_hook(plan: HaloPlan):
 
 def _post_hook(plan: HaloPlan):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        if module.__dict__.pop("_gsr_normalize_off", False):
+            module.normalize = True
         if not plan.enabled:
             return None
         if isinstance(output, Tensor):

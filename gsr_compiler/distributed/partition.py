@@ -22,7 +22,7 @@ Partitioners (``method=``):
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -284,10 +284,16 @@ class GraphPartition:
             sends.append(local_of[needed])
             send_counts.append(int(needed.numel()))
         send_index = torch.cat(sends) if sends else torch.zeros(0, dtype=torch.long)
+        # Whole-graph in-degrees of the local nodes: a symmetric normalization (GCN's) needs
+        # them for halo sources, whose incoming edges other ranks hold.
+        ids = torch.cat([owned, halo])
+        in_degree = torch.bincount(dst, minlength=self.num_nodes)[ids]
+        in_degree_no_loops = torch.bincount(dst[src != dst], minlength=self.num_nodes)[ids]
         return LocalGraph(rank=rank, num_parts=self.num_parts, num_nodes=self.num_nodes,
                           owned=owned, halo=halo, edge_index=local_edges, edge_ids=edge_ids,
                           internal_edge_index=internal, send_index=send_index,
-                          send_counts=send_counts, recv_counts=recv_counts)
+                          send_counts=send_counts, recv_counts=recv_counts,
+                          in_degree=in_degree, in_degree_no_loops=in_degree_no_loops)
 
     def summary(self, edge_index: Tensor) -> list[dict]:
         """Per rank: owned nodes, halo rows received and sent, local edges (no exchange)."""
@@ -314,6 +320,8 @@ class LocalGraph:
             without exchange; used to trace the model).
         send_index: local rows sent to the other ranks, concatenated by destination rank.
         send_counts, recv_counts: rows sent to / received from each rank.
+        in_degree, in_degree_no_loops: in-degree in the whole graph of each local node
+            (``[owned | halo]``), with and without self loops.
     """
 
     rank: int
@@ -327,7 +335,8 @@ class LocalGraph:
     send_index: Tensor
     send_counts: list[int]
     recv_counts: list[int]
-    extra: dict = field(default_factory=dict)
+    in_degree: Optional[Tensor] = None
+    in_degree_no_loops: Optional[Tensor] = None
 
     @property
     def num_owned(self) -> int:

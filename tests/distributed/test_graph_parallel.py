@@ -37,6 +37,9 @@ CASES = {
     "gat_dropout": ({}, 0.2, "bfs", "gat"),  # softmax over each node's incoming edges
     "gin_sparse_dropout": ({"sparse_k": K}, 0.2, "bfs", "gin"),
     "float32_dropout": ({}, 0.2, "bfs", "sage"),  # float32: to rounding
+    # GCN's symmetric normalization reads the whole graph's degrees of the halo sources
+    "gcn_dropout": ({}, 0.2, "level", "gcn"),
+    "gcn_sparse_dropout": ({"sparse_k": K}, 0.2, "bfs", "gcn"),
 }
 TOLERANCE = {"float32_dropout": 1e-5}
 
@@ -244,15 +247,15 @@ def test_layers_a_rank_cannot_run_alone_are_named():
             self.conv = pyg.SAGEConv(4, 4)
             self.bn = nn.BatchNorm1d(4)
 
-    class WithGCN(nn.Module):
+    class WithAPPNP(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = pyg.GCNConv(4, 4)
+            self.prop = pyg.APPNP(K=3, alpha=0.1)
 
     with pytest.raises(GSRCompileError, match="'bn'.*all nodes"):
         check_graph_parallel_model(WithBatchNorm())
-    with pytest.raises(GSRCompileError, match="normalize=True"):
-        check_graph_parallel_model(WithGCN())
+    with pytest.raises(GSRCompileError, match="'prop'.*K hops"):
+        check_graph_parallel_model(WithAPPNP())
     check_graph_parallel_model(build(dict(model_seed=0, in_channels=3, width=8, out_channels=1,
                                           depth=2, conv="sage", dropout=0.1,
                                           dtype=torch.float32, config={})))
@@ -275,17 +278,19 @@ def _gsr_train(monkeypatch, capsys, *argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--graph-parallel", "50", "--train", "c17"], "fewer than the 50 ranks"),
-    (["--graph-parallel", "0", "--train", "c880"], "positive integer"),
-    (["--graph-parallel", "2", "--train", "c880,c432"], "one circuit"),
-    (["--graph-parallel", "2", "--train", "c880", "--resume"], "--resume"),
-    (["--graph-parallel", "2", "--train", "c880", "--conv", "gcn"], "normalize=True"),
-    (["--graph-parallel", "2", "--train", "c880", "--partition", "spectral"], "spectral"),
+    (["--graph-parallel", "50", "--train", "c17", "--gsr"], "fewer than the 50 ranks"),
+    (["--graph-parallel", "0", "--train", "c880", "--gsr"], "positive integer"),
+    (["--graph-parallel", "2", "--train", "c880,c432", "--gsr"], "one circuit"),
+    (["--graph-parallel", "2", "--train", "c880", "--gsr", "--resume"], "--resume"),
+    (["--graph-parallel", "2", "--train", "c880", "--dropout", "0.1"], "use --gsr"),
+    (["--graph-parallel", "2", "--train", "c880", "--gsr", "--partition", "spectral"],
+     "spectral"),
+    (["--graph-parallel", "2", "--train", "no_such_circuit", "--gsr"], "no_such_circuit"),
 ])
 def test_cli_refuses_bad_runs_before_starting_processes(monkeypatch, capsys, tmp_path, argv,
                                                         message):
     out = tmp_path / "run"
-    code, err = _gsr_train(monkeypatch, capsys, *argv, "--gsr", "--out", str(out))
+    code, err = _gsr_train(monkeypatch, capsys, *argv, "--out", str(out))
     assert code == 2 and message in err, err
     assert not out.exists()
 
