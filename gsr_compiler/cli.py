@@ -54,6 +54,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.graph_parallel is not None:  # one circuit, full graph, split over N ranks
+        from .distributed.train_graph_parallel import run_from_cli
+
+        return run_from_cli(args)
     from .train import TrainConfig, train
 
     names = lambda text: None if text is None else [n for n in text.split(",") if n]  # noqa: E731
@@ -170,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
     tr.add_argument("--overwrite", action="store_true", help="start over in a used --out folder")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--graph-parallel", type=int, metavar="N", default=None,
+                    help="train the one --train circuit full-graph, its nodes split over N gloo "
+                         "ranks (docs/distributed.md)")
+    tr.add_argument("--partition", default="auto",
+                    help="with --graph-parallel: auto, metis (needs pymetis), bfs, level")
     tr.set_defaults(run=_train)
 
     # listed here rather than imported: building the parser must not import torch
