@@ -124,6 +124,17 @@ def _on_rank0(rank: int, fn: Callable[[], Any]) -> Any:
 # ----------------------------------------------------------------------------- evaluation
 
 
+class _InDtype(nn.Module):
+    """The model, fed features in its own dtype (evaluation reads float32 features)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype), edge_index)
+
+
 def _evaluate_shared(model: nn.Module, datas: list, cfg: TrainConfig, device: torch.device,
                      rank: int, world: int, keep_predictions: bool = False
                      ) -> tuple[dict, dict]:
@@ -186,9 +197,10 @@ def _collective_failed(e: BaseException, rank: int, step: int, checkpoint_path: 
 
 def train_data_parallel(cfg: TrainConfig, log: Callable[[str], None] = print,
                         timeout: float = DEFAULT_TIMEOUT, dtype: torch.dtype = torch.float32,
-                        loaded: Optional[dict] = None) -> Optional[TrainResult]:
+                        loaded: Optional[dict] = None) -> TrainResult:
     """Runs one rank of a data-parallel ``gsr train``; every rank calls it (``torchrun`` or
-    ``gsr train --nproc N`` start them). Returns the result on rank 0, None elsewhere.
+    ``gsr train --nproc N`` start them). Returns the result on every rank: the trained model
+    (the same on all), and on rank 0 only the metrics (the other ranks' ``metrics`` is empty).
 
     ``timeout``: seconds a collective waits for the other ranks before raising.
     ``dtype``: of parameters and features (float64 for exactness checks).
@@ -205,7 +217,7 @@ def train_data_parallel(cfg: TrainConfig, log: Callable[[str], None] = print,
             dist.destroy_process_group()
 
 
-def _run(cfg, rank, world, device, log, dtype, loaded, tqdm) -> Optional[TrainResult]:
+def _run(cfg, rank, world, device, log, dtype, loaded, tqdm) -> TrainResult:
     resume = _resume_path(cfg)
 
     def read_checkpoint() -> Optional[dict]:
@@ -306,9 +318,10 @@ def _run(cfg, rank, world, device, log, dtype, loaded, tqdm) -> Optional[TrainRe
     def validate() -> Optional[dict]:
         if not val_data:
             return None
-        result, _ = _evaluate_shared(model, val_data, cfg, device, rank, world)
+        result, _ = _evaluate_shared(scored, val_data, cfg, device, rank, world)
         return _jsonable(result["average"])
 
+    scored = model if dtype == torch.float32 else _InDtype(model, dtype)
     loss_value, val_pearson = float("nan"), None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                unit="step", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
@@ -348,7 +361,7 @@ def _run(cfg, rank, world, device, log, dtype, loaded, tqdm) -> Optional[TrainRe
             log("the checkpoint is already at --steps; evaluating it")
         log(f"evaluating on {len(test_data)} test circuit(s), split over {world} rank(s)")
         tick = time.perf_counter()
-        test, preds = _evaluate_shared(model, test_data, cfg, device, rank, world,
+        test, preds = _evaluate_shared(scored, test_data, cfg, device, rank, world,
                                        keep_predictions=True)
         eval_seconds = time.perf_counter() - tick
     except dist.DistError as e:
@@ -360,8 +373,11 @@ def _run(cfg, rank, world, device, log, dtype, loaded, tqdm) -> Optional[TrainRe
             raise
         raise _collective_failed(e, rank, step, checkpoint_path) from e
 
-    if rank != 0:
-        return None
+    checkpoint_path_, metrics_path, scatter_path = (checkpoint_path,
+                                                    os.path.join(cfg.out, METRICS),
+                                                    os.path.join(cfg.out, SCATTER))
+    if rank != 0:  # rank 0 prints and writes; the model is the same on every rank
+        return TrainResult({}, cfg.out, checkpoint_path_, metrics_path, scatter_path, model)
     for name, m in test["per_circuit"].items():
         log(f"  {name:12s} pearson {m.pearson:6.3f}  spearman {m.spearman:6.3f}  kendall "
             f"{m.kendall:6.3f}  r2 {m.r2:7.3f}  mae {m.mae:.4f}  ({m.n:,} nodes)")
@@ -387,9 +403,7 @@ def _run(cfg, rank, world, device, log, dtype, loaded, tqdm) -> Optional[TrainRe
         "device": str(device),
         "torch": torch.__version__,
     })
-    metrics_path = os.path.join(cfg.out, METRICS)
     _atomic_write(metrics_path, lambda tmp: _dump_json(metrics, tmp))
-    scatter_path = os.path.join(cfg.out, SCATTER)
     save_scatter(preds, test["per_circuit"], scatter_path,
                  f"{cfg.label}: {cfg.depth} x {cfg.conv}, width {cfg.width}"
                  f"{', ' + _describe_compile(cfg) if cfg.gsr else ''}, {cfg.steps} steps, "
