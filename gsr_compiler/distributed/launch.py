@@ -37,8 +37,9 @@ def check_nproc(nproc: object, device: str = "cpu") -> int:
     if str(device).startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if nproc > count:
+            fix = f"use --nproc {count} or --device cpu" if count else "use --device cpu"
             raise ValueError(f"--nproc {nproc} --device cuda needs one GPU per rank, and this "
-                             f"machine has {count}; use --nproc {max(count, 1)} or --device cpu")
+                             f"machine has {count}; {fix}")
         if str(device) != "cuda":
             raise ValueError(f"--device {device}: with --nproc each rank takes GPU LOCAL_RANK; "
                              "pass --device cuda without an index")

@@ -171,7 +171,8 @@ def _run(*argv: str) -> int:
 
 
 def test_resume_under_two_ranks_is_exact_and_another_count_is_refused(tmp_path, capsys):
-    common = ["--gsr", "--dropout", "0.2", "--eval-every", "2", "--seed", "3", "--nproc", "2"]
+    single = ["--gsr", "--dropout", "0.2", "--eval-every", "2", "--seed", "3"]
+    common = [*single, "--nproc", "2"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert _run("--steps", "5", "--out", str(whole), *common) == 0
     assert _run("--steps", "2", "--out", str(part), *common) == 0
@@ -191,11 +192,9 @@ def test_resume_under_two_ranks_is_exact_and_another_count_is_refused(tmp_path, 
     before = (part / "checkpoint.pt").read_bytes()
     capsys.readouterr()
     for other in (["--nproc", "1"], ["--nproc", "3"]):
-        argv = [a for a in common if a not in ("--nproc", "2")] + other
-        assert _run("--steps", "6", "--out", str(part), "--resume", *argv) == 2
+        assert _run("--steps", "6", "--out", str(part), "--resume", *single, *other) == 2
         err = capsys.readouterr().err
         assert "written by 2 ranks" in err and "--nproc 2" in err
-    single = [a for a in common if a not in ("--nproc", "2")]
     assert _run("--steps", "6", "--out", str(part), "--resume", *single) == 2
     assert "2 data-parallel ranks" in capsys.readouterr().err
     assert (part / "checkpoint.pt").read_bytes() == before
