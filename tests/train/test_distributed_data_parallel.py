@@ -208,8 +208,8 @@ def test_resume_under_two_ranks_is_exact_and_another_count_is_refused(tmp_path, 
 # ----------------------------------------------------------------------------- failures
 
 
-def _children_with_rank(root_pid: int, rank: int) -> list[int]:
-    """Processes below ``root_pid`` whose environment says RANK=rank."""
+def _rank_processes(root_pid: int) -> list[int]:
+    """The ranks below ``root_pid``: processes the launcher spawned (not its resource tracker)."""
     found, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
@@ -220,14 +220,14 @@ def _children_with_rank(root_pid: int, rank: int) -> list[int]:
             continue
         for kid in kids:
             try:
-                with open(f"/proc/{kid}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
+                with open(f"/proc/{kid}/cmdline", "rb") as f:
+                    cmdline = f.read()
             except OSError:
                 continue
-            if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"\0".join(env):
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
                 found.append(kid)
             todo.append(kid)
-    return found
+    return sorted(found)
 
 
 def _wait_for(path, proc, limit=240.0):
@@ -250,9 +250,9 @@ def test_killed_rank_stops_the_run_with_a_clear_error_and_the_checkpoint_survive
                 "--nproc", "2", "--dist-timeout", "30", "--out", str(out))
     try:
         _wait_for(out / "checkpoint.pt", proc)
-        victims = _children_with_rank(proc.pid, 1)
-        assert len(victims) == 1, victims
-        os.kill(victims[0], signal.SIGKILL)
+        ranks = _rank_processes(proc.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[-1], signal.SIGKILL)
         killed = time.monotonic()
         _, err = proc.communicate(timeout=60)
         assert time.monotonic() - killed < 60
@@ -260,7 +260,8 @@ def test_killed_rank_stops_the_run_with_a_clear_error_and_the_checkpoint_survive
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 2, err
-    assert "rank 1 (killed by SIGKILL)" in err and "--resume" in err
+    assert "data-parallel training failed: rank" in err and "(killed by SIGKILL)" in err, err
+    assert "--resume" in err
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] >= 2 and ckpt["step"] % 2 == 0 and ckpt["world_size"] == 2
 
