@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gsr_compiler.distributed.data_parallel import _build, rank_seed  # noqa: E402
+from gsr_compiler.distributed.data_parallel import _build, rank_seed, shutdown  # noqa: E402
 from gsr_compiler.distributed.sampler import DistributedBatchSchedule  # noqa: E402
 from gsr_compiler.train import TrainConfig, _load_circuits, validate_config  # noqa: E402
 
@@ -91,11 +91,12 @@ def _rank(rank: int, port: int, args, result: dict) -> None:
                       buckets=gathered[0][2],
                       params=sum(p.numel() for p in model.parameters()))
         torch.save(dict(result), args.result)
-    dist.destroy_process_group()
+    del ddp  # the reducer first, then the process group
+    shutdown()
 
 
-def _single(args) -> float:
-    torch.set_num_threads(2)
+def _single(args, threads: int) -> float:
+    torch.set_num_threads(threads)
     cfg = _config(args)
     datas = _load_circuits(cfg.train, cfg, lambda _: None)
     schedule = DistributedBatchSchedule(datas, cfg, 2)
@@ -131,13 +132,17 @@ def main() -> None:
     # one side at a time; the single process before and after the ranks (a shared machine's
     # load drifts), in a child process each so that neither inherits the other's state
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        before = pool.apply(_single, (args,))
+
+    def single(threads: int) -> float:
+        with ctx.Pool(1) as pool:
+            return pool.apply(_single, (args, threads))
+
+    before = single(2)
     mp.start_processes(_rank, args=(port, args, {}), nprocs=2, start_method="spawn")
     ddp = torch.load(args.result, weights_only=True)
-    with ctx.Pool(1) as pool:
-        after = pool.apply(_single, (args,))
-    single = (before + after) / 2
+    after = single(2)
+    serial = single(1)  # the same work on one core: what 2 ranks would halve at best
+    single2 = (before + after) / 2
     kind = "plain" if args.plain else f"gsr_compile groups={args.groups}, top-k"
     print(f"machine: {_cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
     print(f"model: {args.depth} x sage, width {args.width}, {kind}; {ddp['params']:,} "
@@ -145,10 +150,11 @@ def main() -> None:
     print(f"all-reduced per step: {ddp['bytes']:,.0f} bytes in {ddp['buckets']:.0f} bucket(s) "
           f"(4 bytes x {ddp['params']:,} parameters = {4 * ddp['params']:,}), "
           "plus 8 bytes of loss")
-    print(f"median step, 2 batches: 1 process x 2 threads {single * 1e3:.1f} ms; "
+    print(f"median step, 2 batches: 1 process x 2 threads {single2 * 1e3:.1f} ms "
+          f"({before * 1e3:.1f} before the ranks, {after * 1e3:.1f} after); "
           f"2 gloo ranks x 1 thread {ddp['ddp_median'] * 1e3:.1f} ms "
-          f"({ddp['ddp_median'] / single:.2f}x); the single process measured "
-          f"{before * 1e3:.1f} ms before the ranks and {after * 1e3:.1f} ms after")
+          f"({ddp['ddp_median'] / single2:.2f}x); 1 process x 1 thread {serial * 1e3:.1f} ms "
+          f"(2 ranks: {ddp['ddp_median'] / serial:.2f}x of it, 0.50x at best)")
 
 
 def _cpu_name() -> str:

@@ -39,7 +39,7 @@ from ..train import (CHECKPOINT, LABEL_TARGETS, METRICS, SCATTER, TrainConfig, T
 from .sampler import DistributedBatchSchedule, check_world_size
 
 __all__ = ["DEFAULT_TIMEOUT", "RankFailure", "rank_seed", "train_data_parallel",
-           "check_resume_world_size"]
+           "check_resume_world_size", "shutdown"]
 
 #: Process-group timeout (seconds): a collective that waits longer for a rank raises.
 DEFAULT_TIMEOUT = 300.0
@@ -207,14 +207,33 @@ def train_data_parallel(cfg: TrainConfig, log: Callable[[str], None] = print,
     """
     from tqdm import tqdm
 
-    cfg = validate_config(cfg)  # every rank, before any collective: same errors everywhere
-    rank, world, device, created = _init(cfg, timeout)
+    # Every rank checks the options before any collective (all stop on the same error); the
+    # --out folder and checkpoint only rank 0 checks, reads and writes (other machines may not
+    # see them), and its verdict is handed to all.
+    options = validate_config(dataclasses.replace(cfg, resume=None, overwrite=True))
+    rank, world, device, created = _init(options, timeout)
     try:
+        cfg = _on_rank0(rank, lambda: validate_config(cfg))
         return _run(cfg, rank, world, device, log if rank == 0 else (lambda _: None), dtype,
                     loaded, tqdm)
     finally:
         if created and dist.is_initialized():
-            dist.destroy_process_group()
+            shutdown()
+
+
+def shutdown() -> None:
+    """Destroys the default process group once every rank is done with it.
+
+    gloo's worker threads drop the tensors of a finished collective after it completes, which
+    needs the GIL; the process group's destructor joins those threads while holding the GIL.
+    Seen here (torch 2.13): a rank hung at exit after an ``all_gather_object``. A barrier, then
+    a short sleep that releases the GIL, lets them finish first."""
+    try:
+        dist.barrier()
+        time.sleep(0.1)
+    except (RuntimeError, dist.DistError):
+        pass  # a peer is gone: nothing left to wait for
+    dist.destroy_process_group()
 
 
 def _run(cfg, rank, world, device, log, dtype, loaded, tqdm) -> TrainResult:

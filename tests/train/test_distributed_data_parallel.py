@@ -56,6 +56,7 @@ def _rank(rank: int, world: int, port: int, cfg: TrainConfig, result_dir: str) -
     result = train_data_parallel(cfg, log=lambda _: None, timeout=120, dtype=torch.float64)
     params = {n: p.detach().clone() for n, p in result.model.named_parameters()}
     torch.save(params, os.path.join(result_dir, f"rank{rank}.pt"))
+    torch.save(result.model.state_dict(), os.path.join(result_dir, f"state{rank}.pt"))
 
 
 def _single_process_union(cfg: TrainConfig, world: int, ranks: list[int]) -> dict:
@@ -126,9 +127,10 @@ def test_two_ranks_equal_one_process_running_both_ranks_batches(tmp_path, mode):
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and [r["rank"] for r in ckpt["ranks"]] == [0, 1]
     assert not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])
+    state = torch.load(tmp_path / "state1.pt", weights_only=True)
+    assert ckpt["model"].keys() == state.keys()
     for name, value in ckpt["model"].items():
-        assert torch.equal(value, ranks[0]["compiled." + name if "compiled." + name in ranks[0]
-                                         else name]), name
+        assert torch.equal(value, state[name]), name
 
 
 def test_sampler_epoch_scores_every_node_and_deals_different_batches(tmp_path):
