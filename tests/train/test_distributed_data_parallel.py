@@ -190,6 +190,19 @@ def test_resume_under_two_ranks_is_exact_and_another_count_is_refused(tmp_path, 
         assert ra["next_batch"] == rb["next_batch"] == 5 * 2 + ra["rank"]
         assert torch.equal(ra["rng"]["torch"], rb["rng"]["torch"])
 
+    # torchrun starting `gsr train` (no --nproc) is the same run, bit for bit
+    via_torchrun = tmp_path / "torchrun"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "gsr_compiler.cli", "train", *TINY, "--steps", "5", "--out", str(via_torchrun),
+         *single], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[gsr train finished") == 1  # printed once, by rank 0
+    c = _state(via_torchrun / "checkpoint.pt")
+    assert c["world_size"] == 2
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], c["model"][name]), name
+
     # another number of ranks, or one process: refused, nothing written
     before = (part / "checkpoint.pt").read_bytes()
     capsys.readouterr()
