@@ -66,8 +66,9 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, out=args.out,
         resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
     )
-    if args.nproc is None and args.dist_timeout is None and "TORCHELASTIC_RUN_ID" not in os.environ:
-        train(cfg)  # one process (no torch.distributed import)
+    if args.nproc is None and args.dist_timeout is None \
+            and "TORCHELASTIC_RUN_ID" not in os.environ:  # not under torchrun
+        train(cfg)  # one process
         return 0
     from .distributed.launch import launch_data_parallel, launched_by_torchrun, torchrun_rank
 
@@ -77,8 +78,7 @@ def _train(args: argparse.Namespace) -> int:
                              "(torchrun --nproc-per-node sets the number of ranks)")
         torchrun_rank(cfg, args.dist_timeout)
     elif args.nproc is not None:
-        launch_data_parallel(cfg, args.nproc, 300.0 if args.dist_timeout is None
-                             else args.dist_timeout)
+        launch_data_parallel(cfg, args.nproc, args.dist_timeout)
     else:
         raise ValueError("--dist-timeout applies to data-parallel runs (--nproc N or torchrun)")
     return 0

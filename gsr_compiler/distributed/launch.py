@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import uuid
 from typing import Optional
 
@@ -22,7 +23,8 @@ from .data_parallel import (DEFAULT_TIMEOUT, RankFailure, check_resume_world_siz
                             train_data_parallel)
 from .sampler import DistributedBatchSchedule, check_world_size
 
-__all__ = ["launched_by_torchrun", "check_nproc", "preflight", "launch_data_parallel"]
+__all__ = ["launched_by_torchrun", "check_nproc", "check_timeout", "preflight",
+           "launch_data_parallel", "torchrun_rank"]
 
 
 def launched_by_torchrun() -> bool:
@@ -66,12 +68,22 @@ def _rank_main(options: dict, timeout: float) -> None:
     try:
         train_data_parallel(TrainConfig(**options), timeout=timeout)
     except (ValueError, LookupError, OSError) as e:
-        print(f"gsr train: rank {os.environ.get('RANK', '?')}: error: {e}", flush=True)
+        print(f"gsr train: rank {os.environ.get('RANK', '?')}: error: {e}", file=sys.stderr,
+              flush=True)
         raise
 
 
+def check_timeout(timeout: Optional[float]) -> float:
+    """``--dist-timeout`` in seconds (None: the default); ``ValueError`` unless positive."""
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"--dist-timeout must be > 0 seconds, got {timeout!r}")
+    return float(timeout)
+
+
 def launch_data_parallel(cfg: TrainConfig, nproc: int,
-                         timeout: float = DEFAULT_TIMEOUT) -> None:
+                         timeout: Optional[float] = None) -> None:
     """Trains ``cfg`` on ``nproc`` ranks on this machine (gloo on CPU, NCCL with
     ``--device cuda``). Raises ``ValueError`` before starting anything when an option is bad,
     :class:`~.data_parallel.RankFailure` (an ``OSError``) naming the failed ranks when one
@@ -79,8 +91,7 @@ def launch_data_parallel(cfg: TrainConfig, nproc: int,
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     check_nproc(nproc, cfg.device)
-    if not (timeout > 0):
-        raise ValueError(f"--dist-timeout must be > 0 seconds, got {timeout!r}")
+    timeout = check_timeout(timeout)
     cfg = preflight(cfg, nproc)
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"gsr-train-{uuid.uuid4().hex}",
@@ -93,7 +104,8 @@ def launch_data_parallel(cfg: TrainConfig, nproc: int,
     try:
         elastic_launch(config, _rank_main)(dataclasses.asdict(cfg), timeout)
     except ChildFailedError as e:
-        failed = ", ".join(f"rank {rank} ({_describe(f)})" for rank, f in sorted(e.failures.items()))
+        failed = ", ".join(f"rank {rank} ({_describe(f)})"
+                           for rank, f in sorted(e.failures.items()))
         raise RankFailure(f"data-parallel training failed: {failed}; the last checkpoint in "
                            f"{cfg.out} (if any) is intact, continue with --resume") from None
     finally:
@@ -118,4 +130,4 @@ def _describe(failure) -> str:
 
 def torchrun_rank(cfg: TrainConfig, timeout: Optional[float] = None) -> None:
     """A rank started by ``torchrun`` (``gsr train`` under torchrun)."""
-    train_data_parallel(cfg, timeout=DEFAULT_TIMEOUT if timeout is None else timeout)
+    train_data_parallel(cfg, timeout=check_timeout(timeout))

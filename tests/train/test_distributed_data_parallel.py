@@ -3,6 +3,7 @@ process running every rank's batch, exact resume, a dead rank stops the others, 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -197,7 +198,12 @@ def test_resume_under_two_ranks_is_exact_and_another_count_is_refused(tmp_path, 
          "-m", "gsr_compiler.cli", "train", *TINY, "--steps", "5", "--out", str(via_torchrun),
          *single], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("[gsr train finished") == 1  # printed once, by rank 0
+    # metrics computed, printed and written once, by rank 0
+    assert proc.stdout.count("[gsr train finished") == 1
+    assert proc.stdout.count("  average ") == 1 and proc.stdout.count("c432g ") == 1
+    metrics = json.loads((via_torchrun / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and set(metrics["test"]["per_circuit"]) == {"c432g", "c499"}
+    assert [row["step"] for row in metrics["val_history"]] == [2, 4, 5]
     c = _state(via_torchrun / "checkpoint.pt")
     assert c["world_size"] == 2
     for name in a["model"]:
