@@ -107,9 +107,9 @@ class DistributedBatchSchedule:
                 batches.append([(c, np.flatnonzero(m)) for c, m in sorted(current.items())])
             current, used = {}, 0
 
-        for flat in order:
-            c = int(np.searchsorted(self._offsets, flat, side="right") - 1)
-            node = int(flat - self._offsets[c])
+        circuits = np.searchsorted(self._offsets, order, side="right") - 1
+        nodes = order - self._offsets[circuits]
+        for c, node in zip(circuits.tolist(), nodes.tolist()):
             if scored[c][node] or self._too_big[c][node]:
                 continue
             cone = self._cones.cone(node, c)
