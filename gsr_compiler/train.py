@@ -748,20 +748,36 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     tick = time.perf_counter()
     test, preds = evaluate(model, test_data, cfg, device, keep_predictions=True)
     eval_seconds = time.perf_counter() - tick
+    metrics, metrics_path, scatter_path = write_test_report(
+        cfg, test, preds, history, log, target=target_name, parameters=num_params,
+        train_seconds=train_seconds, eval_seconds=eval_seconds, device=device)
+    if hasattr(model, "precision_report"):  # compiled with --gsr
+        log("exactness of the last backward: " + model.precision_report().replace("\n", "; "))
+    log(f"wrote {checkpoint_path}, {metrics_path}, {scatter_path}")
+    return TrainResult(metrics, cfg.out, checkpoint_path, metrics_path, scatter_path, model)
+
+
+def write_test_report(cfg: TrainConfig, test: dict, preds: dict, history: list,
+                      log: Callable[[str], None], *, target: str, parameters: int,
+                      train_seconds: float, eval_seconds: float, device: torch.device,
+                      extra: Optional[dict] = None, title_suffix: str = ""
+                      ) -> tuple[dict, str, str]:
+    """Logs the test metrics, writes ``metrics.json`` (atomically) and the scatter plot;
+    returns the metrics and the two paths. ``extra``: more top-level metrics entries."""
     for name, m in test["per_circuit"].items():
         log(f"  {name:12s} pearson {m.pearson:6.3f}  spearman {m.spearman:6.3f}  kendall "
             f"{m.kendall:6.3f}  r2 {m.r2:7.3f}  mae {m.mae:.4f}  ({m.n:,} nodes)")
     avg = test["average"]
     log(f"  {'average':12s} pearson {avg['pearson']:6.3f}  spearman {avg['spearman']:6.3f}  "
         f"kendall {avg['kendall']:6.3f}  r2 {avg['r2']:7.3f}  mae {avg['mae']:.4f}")
-
     config_record = {k: v for k, v in dataclasses.asdict(cfg).items()
                      if k not in ("progress", "overwrite")}
     metrics = _jsonable({
         "config": config_record,
-        "target": target_name,
+        "target": target,
         "steps": cfg.steps,
-        "parameters": num_params,
+        "parameters": parameters,
+        **(extra or {}),
         "evaluation": ("full graphs" if cfg.eval_max_nodes is None else
                        f"full graphs up to {cfg.eval_max_nodes} nodes, cone samples beyond"),
         "test": {"average": test["average"],
@@ -778,11 +794,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     scatter_path = os.path.join(cfg.out, SCATTER)
     save_scatter(preds, test["per_circuit"], scatter_path,
                  f"{cfg.label}: {cfg.depth} x {cfg.conv}, width {cfg.width}"
-                 f"{', ' + _describe_compile(cfg) if cfg.gsr else ''}, {cfg.steps} steps")
-    if hasattr(model, "precision_report"):  # compiled with --gsr
-        log("exactness of the last backward: " + model.precision_report().replace("\n", "; "))
-    log(f"wrote {checkpoint_path}, {metrics_path}, {scatter_path}")
-    return TrainResult(metrics, cfg.out, checkpoint_path, metrics_path, scatter_path, model)
+                 f"{', ' + _describe_compile(cfg) if cfg.gsr else ''}, {cfg.steps} steps"
+                 + title_suffix)
+    return metrics, metrics_path, scatter_path
 
 
 def _dump_json(obj, path: str) -> None:

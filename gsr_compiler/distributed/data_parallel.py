@@ -32,10 +32,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..train import (CHECKPOINT, LABEL_TARGETS, METRICS, SCATTER, TrainConfig, TrainResult,
-                     _atomic_write, _check_writable, _describe_compile, _dump_json, _jsonable,
+                     _atomic_write, _check_writable, _describe_compile, _jsonable,
                      _load_checkpoint, _load_circuits, _remove_partials, _resume_path,
                      _rng_state, _rng_untouched, _set_rng_state, _unusable, evaluate,
-                     save_scatter, train_step, validate_config)
+                     train_step, validate_config, write_test_report)
 from .sampler import DistributedBatchSchedule, check_world_size
 
 __all__ = ["DEFAULT_TIMEOUT", "RankFailure", "rank_seed", "train_data_parallel",
@@ -397,35 +397,9 @@ def _run(cfg, rank, world, device, log, dtype, loaded, tqdm) -> TrainResult:
                                                     os.path.join(cfg.out, SCATTER))
     if rank != 0:  # rank 0 prints and writes; the model is the same on every rank
         return TrainResult({}, cfg.out, checkpoint_path_, metrics_path, scatter_path, model)
-    for name, m in test["per_circuit"].items():
-        log(f"  {name:12s} pearson {m.pearson:6.3f}  spearman {m.spearman:6.3f}  kendall "
-            f"{m.kendall:6.3f}  r2 {m.r2:7.3f}  mae {m.mae:.4f}  ({m.n:,} nodes)")
-    avg = test["average"]
-    log(f"  {'average':12s} pearson {avg['pearson']:6.3f}  spearman {avg['spearman']:6.3f}  "
-        f"kendall {avg['kendall']:6.3f}  r2 {avg['r2']:7.3f}  mae {avg['mae']:.4f}")
-    config_record = {k: v for k, v in dataclasses.asdict(cfg).items()
-                     if k not in ("progress", "overwrite")}
-    metrics = _jsonable({
-        "config": config_record,
-        "target": target_name,
-        "steps": cfg.steps,
-        "parameters": num_params,
-        "world_size": world,
-        "evaluation": ("full graphs" if cfg.eval_max_nodes is None else
-                       f"full graphs up to {cfg.eval_max_nodes} nodes, cone samples beyond"),
-        "test": {"average": test["average"],
-                 "per_circuit": {k: v.as_dict() for k, v in test["per_circuit"].items()}},
-        "val_history": history,
-        "final_loss": history[-1]["loss"] if history else None,
-        "train_seconds": train_seconds,
-        "test_eval_seconds": eval_seconds,
-        "device": str(device),
-        "torch": torch.__version__,
-    })
-    _atomic_write(metrics_path, lambda tmp: _dump_json(metrics, tmp))
-    save_scatter(preds, test["per_circuit"], scatter_path,
-                 f"{cfg.label}: {cfg.depth} x {cfg.conv}, width {cfg.width}"
-                 f"{', ' + _describe_compile(cfg) if cfg.gsr else ''}, {cfg.steps} steps, "
-                 f"{world} ranks")
+    metrics, metrics_path, scatter_path = write_test_report(
+        cfg, test, preds, history, log, target=target_name, parameters=num_params,
+        train_seconds=train_seconds, eval_seconds=eval_seconds, device=device,
+        extra={"world_size": world}, title_suffix=f", {world} ranks")
     log(f"wrote {checkpoint_path}, {metrics_path}, {scatter_path}")
     return TrainResult(metrics, cfg.out, checkpoint_path, metrics_path, scatter_path, model)

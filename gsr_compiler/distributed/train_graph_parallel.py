@@ -28,7 +28,6 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import GSRCompileError
 from .partition import METHODS, GraphPartitionError, check_num_parts, check_partitionable
 
 __all__ = ["GraphParallelTrainConfig", "validate", "launch", "worker", "run_from_cli"]
