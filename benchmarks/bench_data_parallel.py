@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gsr_compiler.distributed.data_parallel import _build, rank_seed, shutdown  # noqa: E402
+from gsr_compiler.bench.machine import cpu_name  # noqa: E402
 from gsr_compiler.distributed.sampler import DistributedBatchSchedule  # noqa: E402
 from gsr_compiler.train import TrainConfig, _load_circuits, validate_config  # noqa: E402
 
@@ -144,7 +144,7 @@ def main() -> None:
     serial = single(1)  # the same work on one core: what 2 ranks would halve at best
     single2 = (before + after) / 2
     kind = "plain" if args.plain else f"gsr_compile groups={args.groups}, top-k"
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
     print(f"model: {args.depth} x sage, width {args.width}, {kind}; {ddp['params']:,} "
           f"parameters; batches of up to {args.batch_nodes} nodes from {args.train}")
     print(f"all-reduced per step: {ddp['bytes']:,.0f} bytes in {ddp['buckets']:.0f} bucket(s) "
@@ -156,16 +156,6 @@ def main() -> None:
           f"({ddp['ddp_median'] / single2:.2f}x); 1 process x 1 thread {serial * 1e3:.1f} ms "
           f"(2 ranks: {ddp['ddp_median'] / serial:.2f}x of it, 0.50x at best)")
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -28,22 +28,10 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gsr_compiler.memory import _reset_peak_rss, _rss_and_peak  # noqa: E402
+
 MMAP_THRESHOLD = 131072
-
-
-def _rss_and_peak() -> tuple[int, int]:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, kb = line.split()[:2]
-                values[key] = int(kb) * 1024
-    return values["VmRSS:"], values["VmHWM:"]
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _model(args, in_channels: int):
@@ -59,7 +47,7 @@ def _measure(step) -> dict:
     step()  # warm-up: compiles, allocates gradients
     gc.collect()
     before, _ = _rss_and_peak()
-    _reset_peak()
+    _reset_peak_rss()
     start = time.perf_counter()
     step()
     seconds = time.perf_counter() - start
