@@ -38,6 +38,7 @@ from .runtime.native import native_topk_available, native_topk_status
 from .runtime.reversible import ReversibleChain
 from .runtime.sparse import GroupTopK, GroupTopKCompress
 from .passes.restore_checkpoints import RestoreCheckpoints
+from .peak import PeakPredictor, StepPeak
 from .tracer import (_ALREADY_REVERSIBLE, TraceFindings, check_leaf_modules,
                      split_call_arguments, trace)
 
@@ -309,6 +310,38 @@ class GSRModule(nn.Module):
         """One step's activations planned in one arena for ``num_nodes`` nodes and
         ``num_edges`` edges (default: the traced inputs), without running anything."""
         return self.liveness.plan(num_nodes, num_edges)
+
+    def predict_peak(self, num_nodes: int | None = None, num_edges: int | None = None, *,
+                     optimizer: str = "adam", device: str | None = None) -> "StepPeak":
+        """The predicted peak of one training step at ``num_nodes`` nodes and ``num_edges``
+        edges (default: the traced inputs), without running anything: parameters, gradients,
+        optimizer state, inputs, the arena and the activations' high point
+        (:mod:`gsr_compiler.peak`). ``device`` defaults to the parameters' device."""
+        return self._peak_predictor().predict(num_nodes, num_edges, optimizer,
+                                              device or self._device())
+
+    def max_nodes(self, budget: int | str, avg_degree: float | None = None, *,
+                  optimizer: str = "adam", device: str | None = None) -> int:
+        """The largest graph (or batch) whose training step is predicted to fit ``budget``
+        (bytes, or a string such as ``"6GiB"``), with ``avg_degree`` edges per node (default:
+        the traced graph's); 0 when not even one node fits."""
+        from .budget import parse_budget
+
+        nbytes = parse_budget(budget, "budget")
+        return self._peak_predictor().max_nodes(nbytes, avg_degree, optimizer,
+                                                device or self._device())
+
+    def _peak_predictor(self) -> "PeakPredictor":
+        from .peak import PeakPredictor
+
+        live = self.liveness  # raises when not compiled
+        if not live.training:
+            raise GSRCompileError("the step peak is that of a training step: compile in train() "
+                                  "mode (the graph last run was traced for eval)")
+        return PeakPredictor(live, self.graph_module, self)
+
+    def _device(self) -> str:
+        return str(next((p.device for p in self.parameters()), torch.device("cpu")))
 
     @property
     def coupling_arena(self) -> CouplingArena | None:

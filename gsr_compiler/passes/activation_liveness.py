@@ -21,7 +21,11 @@ views keep nothing; ReLU, sigmoid, tanh, the group top-k and a reversible chain 
 output (a chain also its side inputs); dropout keeps a one-byte mask per element; anything
 else keeps its tensor inputs. A message-passing layer also materializes its messages
 (``[E, C]``) while it runs (twice over for GCN/GAT/GEN, which scale them per edge), and those
-layers keep one copy for backward. Op-internal scratch beyond that, parameters, their gradients
+layers keep one copy for backward. What the ops inside a message-passing layer keep (``SAGEConv``'s
+aggregated neighbourhood, ``GINConv``'s hidden layer) is measured by running the layer on small
+inputs of the traced shapes (``passes/layer_internals.py``; it replaces the message rule), and
+its backward holds the gradients of those tensors at once. Other op-internal scratch,
+parameters, their gradients
 and optimizer state are not counted. The sizes are exact for what the graph shows and estimates
 for the inside of layers.
 
@@ -53,6 +57,7 @@ from ..runtime.sparse import CompressedDropout, GroupTopK, GroupTopKCompress
 from ..runtime.sparse.compressed import compressed_nbytes_per_row
 from ..runtime.sparse.conv import _CompressedMessagePassing
 from ..runtime.sparse.norm_topk import LayerNormGroupTopKCompress
+from .layer_internals import internal_saved_bytes
 
 try:
     from torch_geometric.nn.conv import MessagePassing
@@ -399,6 +404,54 @@ class _LivenessWalk:
         copies = 2 if type(m).__name__ in _KEEPS_MESSAGES else 1
         return SymbolicSize(per_edge=copies * int(t.shape[-1]) * _itemsize(t.dtype))
 
+    def _internal(self, seg: _Segment, node: fx.Node, module: nn.Module
+                  ) -> Optional[tuple[SymbolicSize, bool]]:
+        """What a message-passing layer keeps inside itself, measured on small inputs of the
+        traced shapes (``passes/layer_internals.py``), or None."""
+        N, E = self.N, self.E
+
+        def symbolic(shape: tuple) -> tuple:
+            return tuple("N" if d == N else "E" if E and d == E else d for d in shape)
+
+        def info(a) -> Optional[_Tensor]:
+            if not isinstance(a, fx.Node):
+                return None
+            return seg.info[a] if seg.info.get(a) is not None else _traced(a)  # user inputs
+
+        signature = []
+        for a in list(node.args) + list(node.kwargs.values()):
+            t = info(a)
+            if isinstance(a, fx.Node) and t is None and seg.env.get(a) is not None:
+                return None  # an activation of unknown shape: cannot be made up
+            signature.append(None if t is None else (symbolic(t.shape), t.dtype, t.compressed,
+                                                       bool(seg.requires_grad.get(a))))
+        key = (type(module), repr(module), module.training, tuple(signature))
+
+        def make(value, t, n: int, e: int, grad: bool):
+            if t is None:
+                return value if not isinstance(value, fx.Node) else None
+            shape = tuple(n if d == "N" else e if d == "E" else d for d in symbolic(t.shape))
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            if t.dtype.is_floating_point:
+                x = torch.randn(shape, dtype=t.dtype, device=device)
+                if t.compressed is not None:
+                    from ..runtime.sparse import group_topk_compress
+
+                    x = group_topk_compress(x, t.compressed[0], t.compressed[1], backend="torch")
+                    return x
+                return x.requires_grad_(grad)
+            if len(shape) == 2 and shape[0] == 2:
+                return torch.randint(0, n, shape, dtype=t.dtype, device=device)
+            return torch.zeros(shape, dtype=t.dtype, device=device)
+
+        def make_args(n: int, e: int) -> tuple[list, dict]:
+            args = [make(a, info(a), n, e, bool(seg.requires_grad.get(a))) for a in node.args]
+            kwargs = {k: make(a, info(a), n, e, bool(seg.requires_grad.get(a)))
+                      for k, a in node.kwargs.items()}
+            return args, kwargs
+
+        return internal_saved_bytes(module, key, make_args)
+
     def _info(self, seg: _Segment, node: fx.Node) -> Optional[_Tensor]:
         t = _traced(node, seg.narrow)
         if t is not None:
@@ -469,7 +522,18 @@ class _LivenessWalk:
             if mask is not None:
                 tl.define(name + ".mask", mask, "saved")
                 kept.append(name + ".mask")
-            if messages is not None and type(module).__name__ in _KEEPS_MESSAGES:
+            internal = self._internal(seg, node, module) \
+                if isinstance(module, _MESSAGE_PASSING) else None
+            if internal is not None:
+                # what the layer's own ops keep, measured (passes/layer_internals.py); it
+                # includes the kept messages, so they are not counted again below
+                size, keeps_output = internal
+                if size != SymbolicSize():
+                    tl.define(name + ".internal", size, "saved")
+                    kept.append(name + ".internal")
+                if keeps_output and name not in kept:
+                    kept.append(name)
+            elif messages is not None and type(module).__name__ in _KEEPS_MESSAGES:
                 # one of the two copies (the gathered inputs of the product) stays
                 tl.define(name + ".messages.kept", SymbolicSize(per_edge=messages.per_edge // 2),
                           "saved")
@@ -496,6 +560,10 @@ class _LivenessWalk:
             messages = self._messages(seg, node)
             if messages is not None:
                 tl.define(seg.prefix + node.name + ".messages.grad", messages, "message")
+            internal = seg.prefix + node.name + ".internal"
+            if internal in seg.kept.get(node, []):
+                # the layer's backward materializes the gradient of each tensor it kept inside
+                tl.define(internal + ".grad", tl.size[internal], "message")
             self._produce_input_grads(seg, node)
 
     def _produce_input_grads(self, seg: _Segment, node: fx.Node) -> None:
@@ -584,7 +652,7 @@ class _LivenessWalk:
         for p, s in zip(placeholders[1:], sides):
             is_node = isinstance(s, fx.Node)
             seg.env[p] = top.env.get(s) if is_node else None
-            seg.info[p] = top.info.get(s) if is_node else None
+            seg.info[p] = (top.info.get(s) or _traced(s)) if is_node else None  # user inputs too
             seg.requires_grad[p] = grad and is_node and top.requires_grad.get(s, False)
             if is_node:
                 seg.grad_names[p] = top.grad_name(s)
