@@ -356,7 +356,8 @@ class GSRModule(nn.Module):
         report = self.report
         if report.precision is not None and report.chains:
             report.precision.last_step = self.precision_report()
-        return str(report)
+        choice = self.__dict__.get("_budget_choice")
+        return str(report) + ("\n" + "\n".join(choice.lines()) if choice else "")
 
     def verify_gradients(self, inputs, loss_fn=None, *, kwargs: dict | None = None,
                          tolerance: float | None = None):
@@ -562,4 +563,8 @@ def gsr_compile(model: nn.Module, config: GSRConfig | None = None, *,
     The user's model is not modified; modules outside the converted chains are shared.
     """
     cfg = GSRConfig.from_options(config, **options)
+    if cfg.memory_budget is not None:
+        from .budget import compile_within_budget
+
+        return compile_within_budget(model, cfg, example_inputs, example_kwargs)
     return GSRModule(model, cfg, example_inputs=example_inputs, example_kwargs=example_kwargs)

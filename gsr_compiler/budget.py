@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-__all__ = ["parse_budget", "BudgetChoice", "UNITS"]
+__all__ = ["parse_budget", "BudgetChoice", "UNITS", "compile_within_budget"]
 
 #: Unit -> bytes.
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -131,3 +131,90 @@ def choose_options(config, width: Optional[int],
         if peak <= budget:
             return overrides, peak, tried
     return None, min(p for _, p in tried), tried
+
+
+def _parameter_floor(model) -> int:
+    """Parameters, gradients and Adam's two moments: what no option of the compiler shrinks."""
+    from .peak import OPTIMIZER_STATES
+
+    seen = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    return (2 + OPTIMIZER_STATES["adam"]) * sum(seen.values())
+
+
+def compile_within_budget(model, config, example_inputs, example_kwargs=None):
+    """``gsr_compile`` under ``config.memory_budget``: the compiled model whose predicted step
+    peak at the traced size fits, its choice recorded for ``explain()``; raises
+    ``GSRCompileError`` (nothing returned, the model untouched) when no option fits."""
+    from dataclasses import replace
+
+    from .api import GSRModule
+    from .errors import GSRCompileError
+    from .report import format_bytes
+
+    budget = config.memory_budget
+    if example_inputs is None:
+        raise GSRCompileError(
+            f"memory_budget={format_bytes(budget)} needs example_inputs= (the step must fit at "
+            "the size of those inputs, chosen when compiling); pass gsr_compile(model, "
+            "memory_budget=..., example_inputs=(x, edge_index))")
+    floor = _parameter_floor(model)
+    if floor > budget:  # before tracing anything
+        raise GSRCompileError(
+            f"memory_budget={format_bytes(budget)} is below what the parameters alone need: "
+            f"{format_bytes(floor)} (parameters, their gradients and Adam's two moments); use a "
+            "model with fewer parameters (smaller width or depth) or a larger budget")
+    built: dict = {}
+    device = "cpu"
+
+    def predict(overrides: dict) -> int:
+        nonlocal device
+        cfg = replace(config, memory_budget=None, **overrides)
+        candidate = GSRModule(model, cfg, example_inputs=example_inputs,
+                              example_kwargs=example_kwargs)
+        device = candidate._device()
+        built[tuple(sorted(overrides.items()))] = candidate
+        return candidate.predict_peak(device=device).total
+
+    probe = predict({})
+    width = candidate_width(built[()])
+    if probe <= budget:
+        chosen, peak, tried = {}, probe, [({}, probe)]
+    else:
+        first = [({}, probe)]
+        cache = {(): probe}
+
+        def cached(overrides: dict) -> int:
+            key = tuple(sorted(overrides.items()))
+            if key not in cache:
+                cache[key] = predict(overrides)
+            return cache[key]
+
+        chosen, peak, tried = choose_options(config, width, cached)
+        tried = first + [t for t in tried if t[0]]
+    if chosen is None:
+        best_key, best = min(((tuple(sorted(o.items())), p) for o, p in tried), key=lambda t: t[1])
+        smallest = built[best_key]
+        nodes = smallest.max_nodes(budget, device=device)
+        N = smallest.liveness.num_nodes
+        what = ", ".join(f"{k}={v!r}" for k, v in dict(best_key).items()) or "the options as given"
+        width_hint = ""
+        if width:
+            fixed = smallest.predict_peak(0, 0, device=device).total
+            share = (budget - fixed) / max(best - fixed, 1)
+            if 0 < share < 1:
+                width_hint = f", or a width of about {max(1, int(width * share))} instead of {width}"
+        raise GSRCompileError(
+            f"memory_budget={format_bytes(budget)}: no choice of options fits a training step on "
+            f"these inputs ({N:,} nodes). The smallest predicted step peak is "
+            f"{format_bytes(best)} (with {what}). What would fit: a graph or batch of at most "
+            f"{nodes:,} nodes at the same degree{width_hint}; or a larger budget.")
+    result = built[tuple(sorted(chosen.items()))]
+    result.config = replace(result.config, memory_budget=budget)  # what it was compiled for
+    result.__dict__["_budget_choice"] = BudgetChoice(budget, chosen, peak, tried)
+    return result
+
+
+def candidate_width(gsr_model) -> Optional[int]:
+    """The channel width of the model's first reversible chain (None without chains)."""
+    chains = gsr_model.report.chains
+    return chains[0].width if chains else None
