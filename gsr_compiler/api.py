@@ -334,11 +334,13 @@ class GSRModule(nn.Module):
     def _peak_predictor(self) -> "PeakPredictor":
         from .peak import PeakPredictor
 
-        live = self.liveness  # raises when not compiled
-        if not live.training:
+        self.graph_module  # raises when not compiled
+        key = next((k for k in (self._last_key, *self._graphs) if k in self._graphs and k[0]
+                    and k in self.__dict__.get("_liveness", {})), None)
+        if key is None:
             raise GSRCompileError("the step peak is that of a training step: compile in train() "
-                                  "mode (the graph last run was traced for eval)")
-        return PeakPredictor(live, self.graph_module, self)
+                                  "mode (only graphs traced for eval exist)")
+        return PeakPredictor(self._liveness[key], self._graphs[key], self)
 
     def _device(self) -> str:
         return str(next((p.device for p in self.parameters()), torch.device("cpu")))

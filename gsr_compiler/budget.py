@@ -103,7 +103,7 @@ def candidate_options(config, width: Optional[int]) -> list[dict]:
     groups = [config.groups]
     if width:
         g = config.groups * 2
-        while g <= width and width % g == 0 and width // g >= 4:
+        while g <= width and width % g == 0 and width // g >= 8:  # narrower norms drift
             groups.append(g)
             out.append({**base, "groups": g})
             g *= 2

@@ -4,7 +4,8 @@ fit refused before they run.
 The model is built first (for ``--gsr`` compiled on the first batch); its step peak is then
 predicted at any batch size (:mod:`gsr_compiler.peak`: parameters, gradients, Adam's state,
 inputs, arena and activations). The batch node budget becomes the largest node count that fits
-at the densest training circuit's degree; when every training circuit fits whole, batches are
+at a quarter above the densest training circuit's degree (a cone sample
+can be denser than its circuit); when every training circuit fits whole, batches are
 whole circuits packed up to that size, otherwise cone samples of that size. Every batch is
 checked against the budget at its real node and edge counts before its step runs.
 """
@@ -61,7 +62,8 @@ def fit_batches_to_budget(model: nn.Module, cfg, example, train_data: list,
         predictor = model._peak_predictor()
     else:
         predictor = plain_predictor(model, (example.x, example.edge_index))
-    degree = max(int(d.edge_index.shape[1]) / max(d.num_nodes, 1) for d in train_data)
+    # a cone sample can be denser than its circuit: size for a quarter more edges per node
+    degree = 1.25 * max(int(d.edge_index.shape[1]) / max(d.num_nodes, 1) for d in train_data)
     nodes = predictor.max_nodes(budget, degree, "adam", cfg.device)
     if nodes < _MIN_BATCH:
         floor = predictor.predict(_MIN_BATCH, int(degree * _MIN_BATCH), "adam", cfg.device).total
