@@ -440,8 +440,11 @@ class _LivenessWalk:
                     x = group_topk_compress(x, t.compressed[0], t.compressed[1], backend="torch")
                     return x
                 return x.requires_grad_(grad)
-            if len(shape) == 2 and shape[0] == 2:
-                return torch.randint(0, n, shape, dtype=t.dtype, device=device)
+            if len(shape) == 2 and shape[0] == 2:  # edges without self-loops, which some
+                # layers remove and add back: their count must not depend on the draw
+                src = torch.randint(0, n, shape[1:], device=device)
+                dst = (src + torch.randint(1, max(n, 2), shape[1:], device=device)) % max(n, 2)
+                return torch.stack([src, dst]).to(t.dtype)
             return torch.zeros(shape, dtype=t.dtype, device=device)
 
         def make_args(n: int, e: int) -> tuple[list, dict]:
@@ -567,16 +570,26 @@ class _LivenessWalk:
             self._produce_input_grads(seg, node)
 
     def _produce_input_grads(self, seg: _Segment, node: fx.Node) -> None:
+        own = seg.grad_name(node)
+        passes = own is not None and self.tl.has(own) and (
+            (node.op == "call_function" and node.target in (operator.add, torch.add))
+            or (node.op == "call_method" and node.target == "add"))
         for a in node.all_input_nodes:
             if not seg.requires_grad.get(a):
                 continue
             g = seg.grad_name(a)
             if g is None:
                 continue
+            size = self.sizes.size(self._value_info(seg, a))
             if self.tl.has(g):
                 self.tl.touch(g)  # accumulated into the existing gradient
+            elif passes and a not in seg.grad_names and size == self.tl.size[own]:
+                # an addition hands its output's gradient to its inputs as it is: the same
+                # tensor, not a copy per input
+                seg.grad_names[a] = own
+                self.tl.touch(own)
             else:
-                self.tl.define(g, self.sizes.size(self._value_info(seg, a)), "grad")
+                self.tl.define(g, size, "grad")
 
     @staticmethod
     def _value_info(seg: _Segment, node: fx.Node) -> Optional[_Tensor]:
