@@ -12,6 +12,9 @@ arena               the chains' coupling scratch, planned once per input size an
 activations         the highest sum of activations live at one step of forward and backward:
                     values, what autograd keeps, messages, the backward's gradients and, in a
                     reversible chain, one block's recompute (``ActivationLiveness``)
+loss                the loss is not part of the graph: an elementwise loss such as MSE makes
+                    four tensors the size of the model's output (the difference, its square,
+                    and their gradients), counted on top of the activations' high point
 ==================  =====================================================================
 
 The activations term is the maximum over the steps of the liveness walk of the bytes live at that
@@ -68,6 +71,7 @@ class StepPeak:
     inputs: int
     arena: int
     activations: int
+    loss: int = 0
 
     @property
     def resident(self) -> int:
@@ -79,19 +83,19 @@ class StepPeak:
     def total(self) -> int:
         """The step's peak: on CUDA what ``max_memory_allocated`` reports; on CPU the memory the
         step needs beyond the interpreter and libraries."""
-        return self.resident + self.activations
+        return self.resident + self.activations + self.loss
 
     @property
     def rss_rise(self) -> int:
         """The CPU RSS rise of a step after a warm-up step (what ``gsr_compiler.memory``
-        measures with the fixed mmap threshold): only the activations come and go."""
-        return self.activations
+        measures with the fixed mmap threshold): only the activations and the loss come and go."""
+        return self.activations + self.loss
 
     def rows(self) -> list[tuple[str, int]]:
         return [("parameters", self.parameters), ("gradients", self.gradients),
                 ("optimizer state", self.optimizer_state), ("inputs", self.inputs),
                 ("arena", self.arena), ("activations (peak)", self.activations),
-                ("step peak", self.total)]
+                ("loss", self.loss), ("step peak", self.total)]
 
     def __str__(self) -> str:
         lines = [f"predicted peak of a training step ({self.device}, N={self.num_nodes:,}, "
@@ -138,6 +142,7 @@ class PeakPredictor:
         self._placed = self._per_step([b for b in liveness.intervals if b.name in placed],
                                       liveness.steps)
         self._input = self._input_size(gm, liveness.num_nodes, liveness.num_edges)
+        self._output = self._output_size(gm, liveness.num_nodes, liveness.num_edges)
 
     @staticmethod
     def _per_step(intervals, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -166,6 +171,20 @@ class PeakPredictor:
         return total
 
     @staticmethod
+    def _output_size(gm: fx.GraphModule, N: int, E: int) -> tuple[int, int, int]:
+        sizes = _Sizes(N, E)
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        found: list = []
+        fx.node.map_arg(out.args, lambda n: found.append(n) or n)
+        total = (0, 0, 0)
+        for node in found:
+            t = _traced(node)
+            if t is not None and t.dtype.is_floating_point:
+                s = sizes.size(t)
+                total = (total[0] + s.per_node, total[1] + s.per_edge, total[2] + s.const)
+        return total
+
+    @staticmethod
     def _peak(terms, N: float, E: float, block: int) -> float:
         a, b, c, count = terms
         if not len(a):
@@ -184,11 +203,13 @@ class PeakPredictor:
         kind = torch.device(device).type
         block = _CUDA_BLOCK if kind == "cuda" else 0  # an upper bound of each tensor's rounding
         a, b, c = self._input
+        o = self._output
+        loss = 4 * int(o[0] * N + o[1] * E + o[2])
         return StepPeak(
             device=kind, num_nodes=N, num_edges=E, parameters=self.parameter_bytes,
             gradients=self.trainable_bytes, optimizer_state=factor * self.trainable_bytes,
             inputs=int(a * N + b * E + c), arena=int(self._peak(self._placed, N, E, block)),
-            activations=int(self._peak(self._free, N, E, block)))
+            activations=int(self._peak(self._free, N, E, block)), loss=loss)
 
     def max_nodes(self, budget: int, avg_degree: Optional[float] = None,
                   optimizer: str = "adam", device: str = "cpu") -> int:

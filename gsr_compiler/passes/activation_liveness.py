@@ -23,8 +23,9 @@ else keeps its tensor inputs. A message-passing layer also materializes its mess
 (``[E, C]``) while it runs (twice over for GCN/GAT/GEN, which scale them per edge), and those
 layers keep one copy for backward. What the ops inside a message-passing layer keep (``SAGEConv``'s
 aggregated neighbourhood, ``GINConv``'s hidden layer) is measured by running the layer on small
-inputs of the traced shapes (``passes/layer_internals.py``; it replaces the message rule), and
-its backward holds the gradients of those tensors at once. Other op-internal scratch,
+inputs of the traced shapes (``passes/layer_internals.py``), and so are the high points of the
+bytes its forward and its backward allocate (messages, index tensors, the gradients of what it
+kept); for such a layer these replace the message rules above. Other op-internal scratch,
 parameters, their gradients
 and optimizer state are not counted. The sizes are exact for what the graph shows and estimates
 for the inside of layers.
@@ -57,7 +58,7 @@ from ..runtime.sparse import CompressedDropout, GroupTopK, GroupTopKCompress
 from ..runtime.sparse.compressed import compressed_nbytes_per_row
 from ..runtime.sparse.conv import _CompressedMessagePassing
 from ..runtime.sparse.norm_topk import LayerNormGroupTopKCompress
-from .layer_internals import internal_saved_bytes
+from .layer_internals import LayerMemory, internal_saved_bytes
 
 try:
     from torch_geometric.nn.conv import MessagePassing
@@ -330,6 +331,7 @@ class _LivenessWalk:
         self.placed: list[str] = []
         self.unsized: set[str] = set()
         self._chain_info: dict[fx.Node, dict] = {}
+        self._probes: dict[str, object] = {}
 
     # -- op rules ------------------------------------------------------------------------
 
@@ -405,9 +407,9 @@ class _LivenessWalk:
         return SymbolicSize(per_edge=copies * int(t.shape[-1]) * _itemsize(t.dtype))
 
     def _internal(self, seg: _Segment, node: fx.Node, module: nn.Module
-                  ) -> Optional[tuple[SymbolicSize, bool]]:
-        """What a message-passing layer keeps inside itself, measured on small inputs of the
-        traced shapes (``passes/layer_internals.py``), or None."""
+                  ) -> Optional[LayerMemory]:
+        """What a message-passing layer keeps and allocates inside itself, measured on small
+        inputs of the traced shapes (``passes/layer_internals.py``), or None."""
         N, E = self.N, self.E
 
         def symbolic(shape: tuple) -> tuple:
@@ -509,7 +511,15 @@ class _LivenessWalk:
                 continue
             messages = self._messages(seg, node)
             name = seg.prefix + node.name
-            if messages is not None:
+            # a message-passing layer that takes gradients is measured (layer_internals.py)
+            probe = self._internal(seg, node, module) if (
+                seg.grad and seg.requires_grad[node]
+                and isinstance(module, _MESSAGE_PASSING)) else None
+            self._probes[name] = probe
+            if probe is not None:
+                if probe.forward != SymbolicSize():
+                    tl.define(name + ".messages", probe.forward, "message")
+            elif messages is not None:
                 tl.define(name + ".messages", messages, "message")
             if seg.info[node] is None:
                 self.unsized.add(name)
@@ -525,16 +535,13 @@ class _LivenessWalk:
             if mask is not None:
                 tl.define(name + ".mask", mask, "saved")
                 kept.append(name + ".mask")
-            internal = self._internal(seg, node, module) \
-                if isinstance(module, _MESSAGE_PASSING) else None
-            if internal is not None:
-                # what the layer's own ops keep, measured (passes/layer_internals.py); it
-                # includes the kept messages, so they are not counted again below
-                size, keeps_output = internal
-                if size != SymbolicSize():
-                    tl.define(name + ".internal", size, "saved")
+            if probe is not None:
+                # what the layer's own ops keep, measured; it includes the kept messages, so
+                # they are not counted again below
+                if probe.kept != SymbolicSize():
+                    tl.define(name + ".internal", probe.kept, "saved")
                     kept.append(name + ".internal")
-                if keeps_output and name not in kept:
+                if probe.keeps_output and name not in kept:
                     kept.append(name)
             elif messages is not None and type(module).__name__ in _KEEPS_MESSAGES:
                 # one of the two copies (the gathered inputs of the product) stays
@@ -560,13 +567,11 @@ class _LivenessWalk:
             tl.touch(g)
             for k in seg.kept.get(node, []):
                 tl.touch(k)
-            messages = self._messages(seg, node)
-            if messages is not None:
+            probe = self._probes.get(seg.prefix + node.name)
+            messages = probe.backward if probe is not None else self._messages(seg, node)
+            if messages is not None and messages != SymbolicSize():
+                # what the layer's backward holds at its high point besides its inputs' grads
                 tl.define(seg.prefix + node.name + ".messages.grad", messages, "message")
-            internal = seg.prefix + node.name + ".internal"
-            if internal in seg.kept.get(node, []):
-                # the layer's backward materializes the gradient of each tensor it kept inside
-                tl.define(internal + ".grad", tl.size[internal], "message")
             self._produce_input_grads(seg, node)
 
     def _produce_input_grads(self, seg: _Segment, node: fx.Node) -> None:

@@ -7,15 +7,25 @@ its MLP, ``GATConv`` its attention coefficients ``[E, heads]`` and its projected
 deep plain model that is a third or more of what a step keeps, so a prediction without it falls
 short by as much.
 
+Nor does it see what they allocate while they run: the gathered messages, the ``int64`` column
+indices a compressed layer builds from its kept positions, the gradients of what it kept.
+
 Rather than a table per layer class (which a user's own ``MessagePassing`` would not be in), the
-layer itself is run once on small random inputs of the traced shapes at three sizes,
-``(n, e)``, ``(2n, e)`` and ``(n, 2e)``, under ``saved_tensors_hooks``; the bytes it keeps beyond
-its inputs, its output and its parameters are solved for ``const + per_node * N + per_edge * E``
-(exact for layers whose kept tensors are affine in the sizes, which message passing is).
-Layers of the same class, configuration and input shapes share one measurement.
+layer itself is run once, forward and backward, on small random inputs of the traced shapes at
+three sizes, ``(n, e)``, ``(2n, e)`` and ``(n, 2e)``: ``saved_tensors_hooks`` give the bytes it
+keeps beyond its inputs, its output and its parameters; the profiler's allocation events give
+the high point of what its forward allocates beyond its output and what it keeps, and of what
+its backward allocates beyond its inputs' gradients. Each is solved for
+``const + per_node * N + per_edge * E`` (exact for layers whose tensors are affine in the sizes,
+which message passing is). Layers of the same class, configuration and input shapes share one
+measurement.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,10 +33,10 @@ from torch import nn
 
 from ..runtime.arena import SymbolicSize
 
-__all__ = ["internal_saved_bytes", "clear_cache"]
+__all__ = ["LayerMemory", "internal_saved_bytes", "clear_cache"]
 
 _PROBE_NODES, _PROBE_EDGES = 97, 163  # small, and unlike any channel count
-_CACHE: dict[tuple, Optional[tuple[SymbolicSize, bool]]] = {}
+_CACHE: dict[tuple, Optional["LayerMemory"]] = {}
 
 
 def clear_cache() -> None:
@@ -37,9 +47,67 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+@dataclass(frozen=True)
+class LayerMemory:
+    """What one message-passing layer needs beyond its inputs, output and parameters, symbolic
+    in N and E: ``kept`` (saved for backward), ``forward`` (the transient high point while its
+    forward runs, on top of its output and ``kept``), ``backward`` (the high point while its
+    backward runs, on top of the gradients of its inputs), and whether it keeps its output."""
+
+    kept: SymbolicSize
+    forward: SymbolicSize
+    backward: SymbolicSize
+    keeps_output: bool
+
+
+def _allocation_peak(run: Callable[[], Any]) -> tuple[Any, int]:
+    """``run()``'s result and the high point of the bytes it allocated, from the profiler's
+    allocation events (CPU and CUDA alike)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with _quiet_stderr(), profile(activities=activities, profile_memory=True) as prof:
+        result = run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return result, peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's native logger writes a line to fd 2 at every start and stop; a probe is
+    not something the user asked to profile."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (an embedded interpreter): leave it
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in {_storage_key(t): t for t in tensors}.values())
+
+
 def _measure(module: nn.Module, make_args: Callable[[int, int], tuple[list, dict]],
-             n: int, e: int) -> tuple[int, bool]:
-    """Bytes kept beyond inputs, output and parameters at ``(n, e)``; whether the output is kept."""
+             n: int, e: int) -> tuple[int, bool, int, int]:
+    """At ``(n, e)``: bytes kept beyond inputs, output and parameters; whether the output is
+    kept; the forward's and the backward's transient high points beyond what is counted
+    elsewhere (see :class:`LayerMemory`)."""
     args, kwargs = make_args(n, e)
     exclude = {_storage_key(p) for p in module.parameters()}
     exclude |= {_storage_key(b) for b in module.buffers()}
@@ -56,11 +124,26 @@ def _measure(module: nn.Module, make_args: Callable[[int, int], tuple[list, dict
                 seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = module(*args, **kwargs)
+    def forward():
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return module(*args, **kwargs)
+
+    out, forward_peak = _allocation_peak(forward)
     outs = {_storage_key(t) for t in _tensors(out)}
     output_kept = any(p in seen for p in outs)
-    return sum(b for p, b in seen.items() if p not in outs), output_kept
+    kept = sum(b for p, b in seen.items() if p not in outs)
+    out_bytes = _nbytes(list(_tensors(out)))
+    forward_extra = max(0, forward_peak - out_bytes - kept)
+    backward_extra = 0
+    wants = [t for a in list(args) + list(kwargs.values()) for t in _tensors(a)
+             if t.requires_grad]
+    if isinstance(out, torch.Tensor) and out.requires_grad and wants:
+        grad_out = torch.randn_like(out)
+        grads, backward_peak = _allocation_peak(
+            lambda: torch.autograd.grad(out, wants, grad_out, allow_unused=True))
+        produced = _nbytes([g for g in grads if g is not None])
+        backward_extra = max(0, backward_peak - produced)
+    return kept, output_kept, forward_extra, backward_extra
 
 
 def _tensors(value: Any):
@@ -75,14 +158,21 @@ def _tensors(value: Any):
         yield value.indices
 
 
+def _affine(base: int, more_nodes: int, more_edges: int, n: int, e: int) -> SymbolicSize:
+    per_node = max(0, round((more_nodes - base) / n))
+    per_edge = max(0, round((more_edges - base) / e))
+    return SymbolicSize(const=max(0, base - per_node * n - per_edge * e), per_node=per_node,
+                        per_edge=per_edge)
+
+
 def internal_saved_bytes(module: nn.Module, key: tuple,
                          make_args: Callable[[int, int], tuple[list, dict]]
-                         ) -> Optional[tuple[SymbolicSize, bool]]:
-    """``(bytes kept inside the layer, whether it keeps its output)``, symbolic in N and E, or
-    None when the layer cannot be run on made-up inputs (then nothing is added).
+                         ) -> Optional[LayerMemory]:
+    """What the layer needs inside itself (:class:`LayerMemory`), or None when it cannot be
+    run on made-up inputs (then the liveness walk counts it as before).
 
     ``make_args(n, e)`` builds the layer's arguments for ``n`` nodes and ``e`` edges; ``key``
-    identifies layers that keep the same (class, configuration, input shapes).
+    identifies layers that need the same (class, configuration, input shapes).
     """
     if key in _CACHE:
         return _CACHE[key]
@@ -93,13 +183,12 @@ def internal_saved_bytes(module: nn.Module, key: tuple,
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
-            base, kept_out = _measure(module, make_args, n, e)
-            more_nodes, _ = _measure(module, make_args, 2 * n, e)
-            more_edges, _ = _measure(module, make_args, n, 2 * e)
-        per_node = max(0, round((more_nodes - base) / n))
-        per_edge = max(0, round((more_edges - base) / e))
-        const = max(0, base - per_node * n - per_edge * e)
-        result = (SymbolicSize(const=const, per_node=per_node, per_edge=per_edge), kept_out)
+            base = _measure(module, make_args, n, e)
+            more_nodes = _measure(module, make_args, 2 * n, e)
+            more_edges = _measure(module, make_args, n, 2 * e)
+        terms = [_affine(base[i], more_nodes[i], more_edges[i], n, e) for i in (0, 2, 3)]
+        result = LayerMemory(kept=terms[0], forward=terms[1], backward=terms[2],
+                             keeps_output=base[1])
     except Exception:  # a layer that needs inputs we cannot make up: count as before
         result = None
     finally:

@@ -179,14 +179,16 @@ def test_gsr_plan_prints_plain_and_gsr(capsys):
     assert main(["plan", "--circuit", "c6288", "--device-memory", "lots"]) == 2
 
 
-def test_gsr_train_memory_budget_never_exceeded(tmp_path, capsys):
+@pytest.mark.parametrize("sparse_k", [None, 8])
+def test_gsr_train_memory_budget_never_exceeded(tmp_path, sparse_k):
     """Steps on a bundled circuit under a budget: the batches are sized by prediction, then
     each step's measured RSS rise plus what is resident stays under the budget."""
     from gsr_compiler.train import TrainConfig, train
 
     budget = 24 * 2**20
     lines = []
-    result = train(TrainConfig(gsr=True, depth=4, width=32, train=["square"], test=["c17"],
+    result = train(TrainConfig(gsr=True, sparse_k=sparse_k, depth=4, width=32, train=["square"],
+                               test=["c17"],
                                val=[], steps=2, eval_every=0, memory_budget="24MiB",
                                out=str(tmp_path / "run"), progress=False), log=lines.append)
     chosen = next(line for line in lines if line.startswith("memory budget"))
@@ -199,14 +201,15 @@ def test_gsr_train_memory_budget_never_exceeded(tmp_path, capsys):
     data = load_circuit("square", labels=("level",))
     cfg = dataclasses.replace(TrainConfig(train=["square"], seed=0), batch_nodes=nodes)
     schedule = _BatchSchedule([data], cfg)
-    model = result.model
+    model = result.model.train()
     cases = []
     for step in range(2):
         b = schedule(step)
         cases.append((model, (b.x, b.edge_index), b.target.unsqueeze(-1)))
-    resident = model.predict_peak(nodes, int(1.9 * nodes)).resident
-    for rise in measure_rss_rises(cases):
-        assert resident + rise <= budget
+    for (_, (x, edge_index), _), rise in zip(cases, measure_rss_rises(cases)):
+        resident = model.predict_peak(x.shape[0], edge_index.shape[1]).resident
+        predicted = model.predict_peak(x.shape[0], edge_index.shape[1])
+        assert resident + rise <= budget, (resident, rise, predicted.activations, x.shape[0])
     with pytest.raises(ValueError, match="memory-budget"):
         train(TrainConfig(gsr=True, depth=4, width=32, train=["c17"], test=["c432"], val=[],
                           steps=1, memory_budget="12XB", out=str(tmp_path / "bad")))
