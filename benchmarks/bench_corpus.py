@@ -7,7 +7,9 @@ For every corpus model at ``--depth`` blocks and ``--width`` channels on its own
 (the corpus's small graphs): saved bytes of one step (``saved_bytes_of_step``: each storage
 once, parameters excluded) of the model as written and of ``gsr_compile(model)``, their ratio,
 the coupling of each chain, and the median step time (forward, backward, SGD) of
-``--steps`` steps after a warm-up, eager and compiled interleaved.
+``--steps`` steps after a warm-up, eager and compiled interleaved. ``--scale`` makes every graph
+that many times larger (200 nodes and 800 edges, or 8 molecules, at 1): small graphs time the
+per-call overhead of Python and autograd more than the arithmetic.
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from gsr_compiler import gsr_compile  # noqa: E402
+from gsr_compiler import GSRConfig, gsr_compile  # noqa: E402
 from gsr_compiler.memory import saved_bytes_of_step  # noqa: E402
 from tests.corpus.corpus import CORPUS, build, scalar_loss  # noqa: E402
+from tests.corpus.graphs import graph_scale  # noqa: E402
 
 
 def step_time(model, inputs) -> float:
@@ -40,11 +43,11 @@ def step_time(model, inputs) -> float:
     return time.perf_counter() - began
 
 
-def measure(name: str, depth: int, width: int, steps: int) -> dict:
+def measure(name: str, depth: int, width: int, steps: int, coupling: str = "auto") -> dict:
     model, inputs = build(name, depth=depth, width=width)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gsr = gsr_compile(model, example_inputs=inputs)
+        gsr = gsr_compile(model, GSRConfig(coupling=coupling), example_inputs=inputs)
         eager_saved = saved_bytes_of_step(model, inputs, loss_fn=lambda out, _: scalar_loss(out))
         gsr_saved = saved_bytes_of_step(gsr, inputs, loss_fn=lambda out, _: scalar_loss(out))
         times = {"eager": [], "gsr": []}
@@ -65,9 +68,10 @@ def measure(name: str, depth: int, width: int, steps: int) -> dict:
 
 
 def markdown(rows: list[dict], args, meta: dict) -> str:
-    lines = [f"# The corpus at {args.depth} blocks, width {args.width}", "",
+    lines = [f"# The corpus at {args.depth} blocks, width {args.width}, graphs x{args.scale}, "
+             f"coupling {args.coupling}", "",
              f"`python benchmarks/bench_corpus.py --depth {args.depth} --width {args.width} "
-             f"--steps {args.steps}` at commit {meta['commit']}, on {meta['machine']}, torch "
+             f"--steps {args.steps} --scale {args.scale} --coupling {args.coupling}` at commit {meta['commit']}, on {meta['machine']}, torch "
              f"{meta['torch']}, {meta['threads']} torch thread(s).", "",
              "| model | chains (blocks) | coupling | saved, eager | saved, compiled | ratio | "
              "step, eager | step, compiled | ratio |", "|---|--:|---|--:|--:|--:|--:|--:|--:|"]
@@ -88,13 +92,19 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--scale", type=int, default=1,
+                    help="graphs this many times larger than the tests' (200 nodes, or 8 "
+                         "molecules, at 1)")
     ap.add_argument("--models", default=",".join(CORPUS))
+    ap.add_argument("--coupling", default="auto", choices=["auto", "grouped", "two-stream"],
+                    help="GSRConfig.coupling of every compiled model")
     ap.add_argument("--out", default=None, help="folder for results.json and results.md")
     args = ap.parse_args(argv)
     rows = []
     for name in args.models.split(","):
         try:
-            rows.append(measure(name, args.depth, args.width, args.steps))
+            with graph_scale(args.scale):
+                rows.append(measure(name, args.depth, args.width, args.steps, args.coupling))
         except Exception as e:  # recorded: the table says which model failed and why
             rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         print(json.dumps(rows[-1]), flush=True)

@@ -221,6 +221,7 @@ class GSRModule(nn.Module):
             self.compiled = gm
             return gm
         root = self.compiled
+        owned = {id(t) for t in (*root.parameters(), *root.buffers())}
         for node in gm.graph.nodes:
             if node.op not in ("call_module", "get_attr"):
                 continue
@@ -228,8 +229,10 @@ class GSRModule(nn.Module):
             theirs = attribute_or_none(root, node.target)
             if theirs is mine:
                 continue
-            stateless = isinstance(mine, nn.Module) and not any(True for _ in mine.parameters()) \
-                and not any(True for _ in mine.buffers())
+            # A module holding no state of its own (or only the model's, as a checkpointed
+            # function's region holds the user's layers) may differ in identity between traces.
+            stateless = isinstance(mine, nn.Module) and all(
+                id(t) in owned for t in (*mine.parameters(), *mine.buffers()))
             if theirs is None and stateless:
                 root.add_submodule(node.target, mine)
             elif not (stateless and type(theirs) is type(mine) and repr(theirs) == repr(mine)):
@@ -444,8 +447,7 @@ def _checkpoint_lines(findings: TraceFindings, restore: RestoreCheckpoints) -> l
         at = f" at {record.where}" if record.where else ""
         if not record.module:
             lines.append(f"checkpoint of function {record.type_name}{at}: traced through and "
-                         "NOT kept (only checkpoint(module, ...) is kept); wrap the function in an "
-                         "nn.Module to keep it checkpointed")
+                         f"NOT kept ({record.not_kept or 'inside another checkpoint'})")
         elif record in restore.kept:
             lines.append(f"'{record.module}' ({record.type_name}): kept checkpointed{at}")
         else:

@@ -54,10 +54,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.graph_parallel is not None:  # one circuit, full graph, split over N ranks
+        from .distributed.train_graph_parallel import run_from_cli
+
+        return run_from_cli(args)
     from .train import TrainConfig, train
 
     names = lambda text: None if text is None else [n for n in text.split(",") if n]  # noqa: E731
-    train(TrainConfig(
+    cfg = TrainConfig(
         label=args.label, conv=args.conv, depth=args.depth, width=args.width, groups=args.groups,
         gsr=args.gsr, sparse_k=_sparse_k(args, args.gsr), dropout=args.dropout, steps=args.steps, lr=args.lr,
         weight_decay=args.weight_decay, clip=args.clip, batch_nodes=args.batch_nodes,
@@ -66,7 +70,22 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, out=args.out,
         resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
         memory_budget=args.memory_budget,
-    ))
+    )
+    if args.nproc is None and args.dist_timeout is None \
+            and "TORCHELASTIC_RUN_ID" not in os.environ:  # not under torchrun
+        train(cfg)  # one process
+        return 0
+    from .distributed.launch import launch_data_parallel, launched_by_torchrun, torchrun_rank
+
+    if launched_by_torchrun():
+        if args.nproc is not None:
+            raise ValueError("--nproc starts its own ranks; under torchrun leave it out "
+                             "(torchrun --nproc-per-node sets the number of ranks)")
+        torchrun_rank(cfg, args.dist_timeout)
+    elif args.nproc is not None:
+        launch_data_parallel(cfg, args.nproc, args.dist_timeout)
+    else:
+        raise ValueError("--dist-timeout applies to data-parallel runs (--nproc N or torchrun)")
     return 0
 
 
@@ -187,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bytes a training step may use, e.g. 6GiB: sizes the batches to the "
                          "largest that is predicted to fit (whole circuits when they do) and "
                          "refuses a step predicted to exceed it")
+    tr.add_argument("--nproc", type=int, default=None, metavar="N",
+                    help="data-parallel training on N ranks of this machine, started by torch's "
+                         "elastic launcher (under torchrun, leave it out); docs/distributed.md")
+    tr.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                    help="data-parallel runs: a rank waiting longer than this for the others "
+                         "stops with an error (default: 300)")
+    tr.add_argument("--graph-parallel", type=int, metavar="N", default=None,
+                    help="train the one --train circuit full-graph, its nodes split over N gloo "
+                         "ranks (docs/distributed.md)")
+    tr.add_argument("--partition", default="auto",
+                    help="with --graph-parallel: auto, metis (needs pymetis), bfs, level")
     tr.set_defaults(run=_train)
 
     pl = sub.add_parser("plan", help="predicted peak memory of a training step on a circuit, "
@@ -274,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     except (GSRCompileError, ValueError, LookupError, OSError) as e:
         print(f"gsr {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print(f"[gsr {args.command} finished in {time.perf_counter() - start:.1f} s]")
+    if os.environ.get("RANK", "0") == "0":  # once, not once per data-parallel rank
+        print(f"[gsr {args.command} finished in {time.perf_counter() - start:.1f} s]")
     return code
 
 

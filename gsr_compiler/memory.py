@@ -64,11 +64,23 @@ def _parameter_storages(model: nn.Module) -> set[int]:
     return ptrs
 
 
+def _input_storages(inputs: Sequence) -> set[int]:
+    """The storages of the step's input tensors (and of a PyG ``Data``'s tensors)."""
+    ptrs = set()
+    for item in inputs:
+        values = item.to_dict().values() if hasattr(item, "to_dict") else [item]
+        for t in values:
+            if isinstance(t, Tensor):
+                ptrs.update(p.untyped_storage().data_ptr() for p in _dense_parts(t))
+    return ptrs
+
+
 def saved_bytes_of_step(model: nn.Module, inputs: Sequence, target=None,
                         loss_fn: Callable = default_loss) -> int:
     """Bytes autograd keeps for backward during one forward, each storage once,
-    parameters and buffers excluded. Runs backward afterwards to free the graph."""
-    exclude = _parameter_storages(model)
+    parameters, buffers and the step's inputs excluded (the caller holds those either way:
+    keeping them costs nothing). Runs backward afterwards to free the graph."""
+    exclude = _parameter_storages(model) | _input_storages(inputs)
     seen: dict[int, int] = {}
 
     def pack(t: Tensor):

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .runtime.drift import relative_error
+from .runtime.recomputed_block import RecomputedBlock
 from .runtime.reversible import ReversibleChain
 
 __all__ = ["store_everything", "verify_gradients", "GradientCheck"]
@@ -29,13 +30,14 @@ __all__ = ["store_everything", "verify_gradients", "GradientCheck"]
 
 def store_everything(graph_module: fx.GraphModule) -> fx.GraphModule:
     """A deep copy of a compiled graph (``gsr_model.graph_module``) whose reversible chains
-    keep every activation, with the same weights, buffers and parameter names."""
+    and recomputed blocks keep every activation, with the same weights, buffers and parameter
+    names."""
     # The chains' coupling arena is scratch the reference never uses: shared, not copied.
     memo = {id(m.coupling_arena): m.coupling_arena for m in graph_module.modules()
             if isinstance(m, ReversibleChain) and getattr(m, "coupling_arena", None) is not None}
     ref = copy.deepcopy(graph_module, memo)
     for module in ref.modules():
-        if isinstance(module, ReversibleChain):
+        if isinstance(module, (ReversibleChain, RecomputedBlock)):
             # The instance attribute shadows the class's forward for nn.Module.__call__.
             module.forward = module.forward_storing_everything
     return ref

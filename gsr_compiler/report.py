@@ -23,7 +23,8 @@ class ChainReport:
     side_inputs: list[str]
     stored_bytes_plain: int
     stored_bytes_reversible: int
-    # "grouped" or "two-stream"; for two-stream, why grouped was not used ("" when asked for).
+    # "grouped", "two-stream" or "recompute"; why grouped was not used ("" when two-stream was
+    # asked for).
     coupling: str = "grouped"
     coupling_reason: str = ""
 
@@ -163,7 +164,12 @@ class CompileReport:
             lines.append("reversible chains:")
             for c in self.chains:
                 side = ", ".join(c.side_inputs) or "none"
-                if c.coupling == "two-stream":
+                if c.coupling == "recompute":
+                    how = ("recomputed in the backward from its kept input: the model's own "
+                           f"layers at width {c.width}, the same function")
+                    if c.coupling_reason:
+                        how += f" (grouped impossible: {c.coupling_reason})"
+                elif c.coupling == "two-stream":
                     how = (f"two-stream coupling: the model's own layers at full width {c.width}, "
                            "two streams")
                     if c.coupling_reason:

@@ -18,7 +18,9 @@ Beyond that, tracing follows ``torch.compile``'s rules:
   Existing reversible modules (PyG ``InvertibleModule``/``GroupAddRev``) and the modules
   named in ``GSRConfig.leaf_modules`` are kept whole the same way.
 * ``torch.utils.checkpoint.checkpoint(module, ...)`` is recorded as a call of ``module``
-  marked ``node.meta["gsr_checkpoint"]``, so a later pass can keep it checkpointed.
+  marked ``node.meta["gsr_checkpoint"]``, so a later pass can keep it checkpointed;
+  ``checkpoint(function, ...)`` is traced through and its nodes become one marked call of a
+  ``CheckpointedRegion`` (:mod:`gsr_compiler.checkpoint_regions`).
 
 What the tracer decided is recorded in ``node.meta`` (``gsr_leaf``, ``gsr_checkpoint``)
 and, for the whole trace, in ``graph_module.meta["gsr_trace"]`` (:class:`TraceFindings`).
@@ -39,6 +41,7 @@ import torch.fx as fx
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 
+from .checkpoint_regions import REGION, wrap_checkpoint_regions
 from .data_inputs import stand_in_arguments
 from .errors import GSRCompileError
 
@@ -96,12 +99,14 @@ class LeafRecord:
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """A ``torch.utils.checkpoint.checkpoint(module, ...)`` call met while tracing."""
+    """A ``torch.utils.checkpoint.checkpoint(module or function, ...)`` call met while
+    tracing."""
 
-    module: str
-    type_name: str
+    module: str        # the module checkpointed, or the CheckpointedRegion of a function
+    type_name: str     # the module's type, or the function's qualified name
     options: tuple[tuple[str, Any], ...]  # the checkpoint's own keyword arguments
     where: str | None = None
+    not_kept: str | None = None  # why a checkpointed function stays traced through
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,8 @@ class GSRTracer(fx.Tracer):
         self.breaks = dict(breaks or {})
         self.findings = TraceFindings()
         self._evaluated: set[fx.Node] = set()
+        # Checkpointed functions traced through: region id -> record (checkpoint_regions.py).
+        self.regions: dict[int, CheckpointRecord] = {}
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         root_fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
@@ -419,15 +426,26 @@ class GSRTracer(fx.Tracer):
         """Stands in for ``torch.utils.checkpoint.checkpoint`` while tracing."""
         proxies = [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)]
         if not proxies or not isinstance(function, nn.Module):
-            # A checkpointed function (not a module) is traced through, and noted.
-            if proxies:
-                self.findings.checkpoints.append(CheckpointRecord(
-                    "", getattr(function, "__qualname__", type(function).__name__), (),
-                    _user_frame_of_stack()))
             options = {k: kwargs.pop(k) for k in list(kwargs) if k in _CHECKPOINT_OPTIONS}
-            if proxies:
-                return function(*args, **kwargs)
-            return _ORIGINAL_CHECKPOINT(function, *args, **options, **kwargs)
+            if not proxies:
+                return _ORIGINAL_CHECKPOINT(function, *args, **options, **kwargs)
+            # A checkpointed function (not a module) is traced through; the nodes it ran are
+            # marked, to become one CheckpointedRegion call (checkpoint_regions.py).
+            last = next(reversed(self.graph.nodes))
+            out = function(*args, **kwargs)
+            record = CheckpointRecord(
+                "", getattr(function, "__qualname__", type(function).__name__),
+                tuple(sorted(options.items())), _user_frame_of_stack())
+            rid = len(self.regions)
+            self.regions[rid] = record
+            node = last.next
+            while node is not self.graph._root:
+                inner = node.meta.get(REGION)
+                if inner is not None:  # a checkpoint inside this one: this one covers it
+                    self.regions.pop(inner, None)
+                node.meta[REGION] = rid
+                node = node.next
+            return out
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in _CHECKPOINT_OPTIONS}
         name = self.path_of_module(function)
         out = self.create_proxy("call_module", name, args, kwargs)
@@ -626,6 +644,15 @@ def trace(model: nn.Module, concrete_args: dict[str, Any],
         if isinstance(node.type, str):  # postponed annotations: GraphModules would not pickle
             node.type = None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if tracer.regions:
+        regions = dict(tracer.regions)
+        refused = wrap_checkpoint_regions(gm, regions)
+        for rid in sorted(regions):
+            record = regions[rid]
+            if rid in refused:
+                record = CheckpointRecord("", record.type_name, record.options, record.where,
+                                          refused[rid])
+            tracer.findings.checkpoints.append(record)
     gm.meta["gsr_trace"] = tracer.findings
     return gm
 

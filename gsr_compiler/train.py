@@ -653,6 +653,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         if checkpoint["step"] > cfg.steps:
             raise ValueError(f"--resume {resume} is at step {checkpoint['step']}, beyond "
                              f"--steps {cfg.steps}")
+        if checkpoint.get("world_size", 1) != 1:  # docs/distributed.md
+            raise ValueError(f"--resume {resume} was written by {checkpoint['world_size']} "
+                             "data-parallel ranks; resume it with --nproc "
+                             f"{checkpoint['world_size']} (batches and random streams are per "
+                             "rank)")
     _check_writable(cfg.out)
     if os.path.isdir(cfg.out):
         for path in _remove_partials(cfg.out, (CHECKPOINT, METRICS, SCATTER)):

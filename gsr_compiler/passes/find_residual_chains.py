@@ -10,7 +10,9 @@ Each chain gets a coupling (``GSRConfig.coupling``): ``"grouped"`` needs every l
 operation of its branches to have a group-wise form (a width rule, ``narrow_width``) and raises,
 naming the layer, where one has none; ``"two-stream"`` runs the branches as they are, whatever
 they hold; ``"auto"`` picks grouped for a chain whose every block can be split and two-stream
-otherwise. The choice and its reason are recorded on each block's addition node
+otherwise, except that a chain of one block that cannot be split is recomputed instead
+(``"recompute"``: ``RecomputedBlock`` keeps the block's input, where two streams would keep
+twice that). The choice and its reason are recorded on each block's addition node
 (``node.meta["gsr_coupling"]``), which the chain's call node inherits.
 
 A layer of a grouped branch that reads edge features (a floating ``[E, edge_dim]`` tensor
@@ -80,8 +82,8 @@ class ResidualBlock:
 @dataclass
 class ResidualChain:
     blocks: list[ResidualBlock] = field(default_factory=list)
-    coupling: str = "grouped"
-    # Why two-stream was chosen ("" when it was asked for, or for grouped chains).
+    coupling: str = "grouped"  # or "two-stream", "recompute"
+    # Why grouped was not chosen ("" when two-stream was asked for, or for grouped chains).
     reason: str = ""
 
     @property
@@ -103,7 +105,7 @@ class ResidualChain:
         return sum(node_bytes(n) for b in self.blocks for n in b.body + [b.add])
 
     def stored_bytes_reversible(self) -> int:
-        # A two-stream chain keeps both streams.
+        # A two-stream chain keeps both streams; a recomputed block its input.
         return node_bytes(self.blocks[-1].add) * (2 if self.coupling == "two-stream" else 1)
 
 
@@ -355,7 +357,8 @@ class FindResidualChains(PassBase):
             if self.coupling == "two-stream":
                 chain.coupling = "two-stream"
             elif refused:  # "auto"; "grouped" raised at the block already
-                chain.coupling = "two-stream"
+                # One block in two streams keeps twice what its recompute keeps: its input.
+                chain.coupling = "two-stream" if len(chain.blocks) > 1 else "recompute"
                 why = refused[0].grouped_refusal
                 chain.reason = why if why.startswith("'") else f"'{refused[0].describe()}': {why}"
             for b in chain.blocks:

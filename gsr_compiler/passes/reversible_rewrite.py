@@ -1,4 +1,5 @@
-"""Pass: replace each residual chain by one ``ReversibleChain`` module.
+"""Pass: replace each residual chain by one ``ReversibleChain`` module (or, for a chain of one
+block that cannot be split into groups, a ``RecomputedBlock``).
 
 A chain with grouped coupling: for every block of the chain and every channel group, the
 branch ``f`` is copied into its own small GraphModule whose layers are fresh modules at 1/G
@@ -11,13 +12,15 @@ branches read (``edge_index``, ``edge_attr``, ``x0``, ``batch``, ...).
 
 The rewrite changes the function: grouped coupling is a different (reversible)
 architecture with fresh weights; two-stream coupling keeps the weights but lets each branch
-read another sum of the earlier branches (docs/runtime.md). ``explain()`` says so.
+read another sum of the earlier branches (docs/runtime.md). ``explain()`` says so. A
+recomputed block is the block as written.
 """
 from __future__ import annotations
 
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..runtime.recomputed_block import RecomputedBlock
 from ..runtime.reversible import ReversibleChain
 from ..runtime.two_stream import TwoStreamChain
 from .find_residual_chains import ResidualBlock, ResidualChain
@@ -97,8 +100,12 @@ class ReversibleRewrite(PassBase):
                 self.notes.append(f"{grouped} residual block(s) -> grouped reversible coupling "
                                   f"with {self.groups} groups")
             for name, chain in zip(self.chain_names, chains):
-                if chain.coupling == "two-stream":
-                    why = f" (grouped impossible: {chain.reason})" if chain.reason else ""
+                why = f" (grouped impossible: {chain.reason})" if chain.reason else ""
+                if chain.coupling == "recompute":
+                    self.notes.append(
+                        f"{name}: 1 residual block -> recomputed in the backward, keeping only "
+                        f"its input (two streams would keep twice that){why}")
+                elif chain.coupling == "two-stream":
                     self.notes.append(
                         f"{name}: {len(chain.blocks)} residual block(s) -> two-stream reversible "
                         f"coupling with the model's own layers at full width{why}")
@@ -110,13 +117,16 @@ class ReversibleRewrite(PassBase):
             for s in block.side_inputs:
                 if s not in side:
                     side.append(s)
-        if chain.coupling == "two-stream":
-            key = ("two-stream", tuple(b.signature for b in chain.blocks))
+        if chain.coupling in ("two-stream", "recompute"):
+            key = (chain.coupling, tuple(b.signature for b in chain.blocks))
         else:
             key = (self.groups, tuple(b.signature for b in chain.blocks))
         module = self.registry.get(key)
         if module is None and chain.coupling == "two-stream":
             module = self._two_stream(gm, chain, side)
+        elif module is None and chain.coupling == "recompute":
+            branch, shared = extract_full_branch(gm, chain.blocks[0], side)
+            module = RecomputedBlock(branch, shared)
         elif module is None:
             side_index = [[side.index(s) for s in b.side_inputs] for b in chain.blocks]
             blocks = [[extract_branch(gm, b, self.groups) for _ in range(self.groups)]

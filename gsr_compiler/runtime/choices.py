@@ -23,8 +23,9 @@ it predicts there, :mod:`~gsr_compiler.runtime.drift`). Every other choice canno
 rebuilt input moved by about its block's margin. The recompute checks exactly that: an unrecorded
 choice whose rebuilt margin is below half its block's margin is counted as *unsafe*
 (:class:`ReplayStats`), the sign that the reconstruction error has outgrown the margin. Nothing
-dense is kept: a recorded sign costs its flat position and one byte, a recorded selection its
-``(row, group)`` position and a bitmask of ``g`` bits.
+dense is kept per choice: a recorded sign costs its flat position and one byte (or, where more
+than about one element in 20 is near 0, two bits per element: :func:`record_dense_signs`), a
+recorded selection its ``(row, group)`` position and a bitmask of ``g`` bits.
 
 Ops find the tape through :func:`active_site`, set by the chain around each branch call (record
 in the forward, replay in the backward); outside a chain they run as they always do.
@@ -37,11 +38,13 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
-__all__ = ["ChoiceTape", "ReplayStats", "active_site", "record_signs", "recorded_signs",
+__all__ = ["ChoiceTape", "ReplayStats", "active_site", "record_signs", "record_dense_signs",
+           "recorded_signs", "recorded_sign_record", "dense_sign_threshold",
            "SelectionReplay", "selection_margin"]
 
 _active = threading.local()
@@ -73,15 +76,28 @@ class ReplayStats:
 
 def _pack_bits(mask: Tensor) -> Tensor:
     """A flat bool mask as uint8 bytes, 8 elements each (little-endian bit order)."""
-    padded = torch.zeros(-(-mask.numel() // 8) * 8, dtype=torch.uint8, device=mask.device)
-    padded[:mask.numel()] = mask.reshape(-1)
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu":  # numpy packs in one pass, torch's form below in several
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:flat.numel()] = flat
     weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=mask.device)
     return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
 
 
 def _unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_))
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     return ((packed.unsqueeze(1) >> shifts) & 1).bool().reshape(-1)[:numel]
+
+
+def dense_sign_threshold(numel: int) -> int:
+    """The count of recorded signs above which two bitmasks over every element (2 bits each)
+    are smaller than the positions and choices of the recorded ones."""
+    bits_per_recorded = (torch.empty((), dtype=_index_dtype(numel)).element_size() + 1) * 8
+    return (2 * numel + 64) // bits_per_recorded
 
 
 @dataclass
@@ -102,19 +118,26 @@ class _SignRecord:
         return [self.positions, self.positive]
 
     def keep_below(self, margin: float) -> None:
+        if self.dense and self.margins is None:
+            return  # recorded as bitmasks: every choice within the recording margin, kept
         keep = self.margins < margin
         self.positions, self.positive = self.positions[keep], self.positive[keep]
         self.margins = None
         self.count = self.positions.numel()
         numel = math.prod(self.shape)
-        sparse_bits = self.count * (self.positions.element_size() + 1) * 8
-        if sparse_bits > 2 * numel + 64:
+        if self.count > dense_sign_threshold(numel):
             recorded = torch.zeros(numel, dtype=torch.bool, device=self.positions.device)
             recorded[self.positions.long()] = True
             positive = torch.zeros_like(recorded)
             positive[self.positions.long()] = self.positive
             self.positions, self.positive = _pack_bits(recorded), _pack_bits(positive)
             self.dense = True
+
+    def masks(self) -> tuple[Tensor, Tensor]:
+        """Of a dense record: flat bool masks of the recorded elements and of the forward's
+        ``x > 0`` (meaningful where recorded)."""
+        numel = math.prod(self.shape)
+        return _unpack_bits(self.positions, numel), _unpack_bits(self.positive, numel)
 
     def choices(self) -> tuple[Tensor, Tensor]:
         """Flat positions (int64, ascending) and the forward's ``x > 0`` there."""
@@ -289,9 +312,25 @@ def record_signs(site: _Site, shape: tuple, positions: Tensor, positive: Tensor,
     site.tape.stats.choices += numel
 
 
+def record_dense_signs(site: _Site, shape: tuple, near: Tensor, positive: Tensor) -> None:
+    """Records a ReLU's sign choices as two bitmasks over every element: where ``near`` (within
+    the site's margin of 0) and the forward's ``x > 0``. For inputs with many elements at 0
+    (a ReLU of a ReLU's output): 2 bits per element, none of them kept per position."""
+    numel = math.prod(shape)
+    near = near.reshape(-1)
+    site.put(_SignRecord(tuple(shape), _pack_bits(near), _pack_bits(positive.reshape(-1) & near),
+                         None, dense=True, count=int(near.sum())))
+    site.tape.stats.choices += numel
+
+
 def recorded_signs(site: _Site, shape: tuple) -> tuple[Tensor, Tensor]:
     """The next recorded sign choices: flat positions (int64) and the forward's ``x > 0``."""
     return site.take(_SignRecord, tuple(shape)).choices()
+
+
+def recorded_sign_record(site: _Site, shape: tuple) -> _SignRecord:
+    """The next recorded sign choices, as recorded (sparse positions or dense bitmasks)."""
+    return site.take(_SignRecord, tuple(shape))
 
 
 # -- selections: the group top-k ------------------------------------------------------------

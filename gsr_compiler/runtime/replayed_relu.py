@@ -17,11 +17,14 @@ pass instead of several.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .choices import active_site, record_signs, recorded_signs
+from .choices import (active_site, dense_sign_threshold, record_dense_signs, record_signs,
+                      recorded_sign_record)
 from .native import native_relu_covers, native_relu_record, native_relu_replay
 
 __all__ = ["ReplayedReLU", "relu_record_reference", "relu_replay_reference"]
@@ -36,13 +39,16 @@ def _row_rms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x.reshape(-1, width), dim=-1) / width ** 0.5
 
 
-def relu_record_reference(x: Tensor, slope: float, margin: float
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def relu_record_reference(x: Tensor, slope: float, margin: float, most: Optional[int] = None
+                          ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(leaky_relu(x, slope), rms of each row, flat positions (ascending) with
-    |x| <= margin * rms(row), |x| / rms(row) there)``."""
+    |x| <= margin * rms(row), |x| / rms(row) there)``; with more than ``most`` such elements,
+    the positions and margins are None."""
     rms = _row_rms(x)
     width = x.shape[-1]
     near = (x.reshape(-1, width).abs() <= margin * rms[:, None]).reshape(-1)
+    if most is not None and int(near.sum()) > most:
+        return _activate(x, slope), rms, None, None
     positions = near.nonzero().squeeze(1)
     margins = x.reshape(-1)[positions].abs() / rms[positions // width]
     return _activate(x, slope), rms, positions, margins
@@ -93,6 +99,37 @@ class _ForcedSigns(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+class _MaskedForcedSigns(torch.autograd.Function):
+    """:class:`_ForcedSigns` for a dense record: the forced elements as a flat bool mask
+    ``recorded`` (and the forward's ``x > 0`` as ``positive``) instead of positions. Each element
+    passes (``x``, gradient 1) or not (``slope * x``, gradient ``slope``) by one mask: the
+    forward's choice where recorded, ReLU's own test elsewhere (as torch decides -0.0 and NaN)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, recorded: Tensor, positive: Tensor, slope: float,
+                margin: float, counts: list) -> Tensor:
+        flat = x.detach().reshape(-1)
+        forced = recorded & positive
+        # relu(x) = x < 0 ? 0 : x and its gradient x <= 0 ? 0 : g; leaky: x > 0 either way.
+        passes = forced | (~recorded & (~(flat < 0) if slope == 0.0 else flat > 0))
+        grad_passes = forced | (~recorded & ~(flat <= 0)) if slope == 0.0 else passes
+        y = torch.where(passes, flat, flat * slope if slope != 0.0 else 0.0)
+        rms = _row_rms(x.detach())
+        near = (flat.view(-1, x.shape[-1]).abs() <= margin * rms[:, None]).reshape(-1)
+        counts.append(((near & ~recorded).sum(), (recorded & (~(flat <= 0) != positive)).sum()))
+        ctx.save_for_backward(grad_passes)
+        ctx.slope = slope
+        return y.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (grad_passes,) = ctx.saved_tensors
+        flat = grad.reshape(-1)
+        slope = ctx.slope
+        grad_x = torch.where(grad_passes, flat, flat * slope if slope != 0.0 else 0.0)
+        return grad_x.view_as(grad), None, None, None, None, None
+
+
 class ReplayedReLU(nn.Module):
     """``F.leaky_relu(x, negative_slope)`` (``F.relu`` for slope 0), with replayed signs.
 
@@ -112,13 +149,26 @@ class ReplayedReLU(nn.Module):
         if not site.replay:  # the chain's forward
             record = native_relu_record if native_relu_covers(x) else relu_record_reference
             with torch.no_grad():
-                y, _, positions, margins = record(x.detach(), slope, site.margin)
-                positive = x.detach().reshape(-1)[positions] > 0
-            record_signs(site, tuple(x.shape), positions, positive, margins)
+                xd = x.detach()
+                # Many elements near 0 (a ReLU of a ReLU's output): bitmasks, not positions.
+                y, rms, positions, margins = record(xd, slope, site.margin,
+                                                    dense_sign_threshold(xd.numel()))
+                if positions is None:
+                    near = xd.reshape(-1, x.shape[-1]).abs() <= site.margin * rms[:, None]
+                    record_dense_signs(site, tuple(x.shape), near, xd > 0)
+                else:
+                    positive = xd.reshape(-1)[positions] > 0
+                    record_signs(site, tuple(x.shape), positions, positive, margins)
             return y.view_as(x) if not torch.is_grad_enabled() else _activate(x, slope)
-        forced, positive = recorded_signs(site, tuple(x.shape))
+        record = recorded_sign_record(site, tuple(x.shape))
         counts: list = []
-        y = _ForcedSigns.apply(x, forced, positive, slope, 0.5 * site.margin, counts)
+        if record.dense:
+            recorded, positive = record.masks()
+            y = _MaskedForcedSigns.apply(x, recorded.to(x.device), positive.to(x.device), slope,
+                                         0.5 * site.margin, counts)
+        else:
+            forced, positive = record.choices()
+            y = _ForcedSigns.apply(x, forced, positive, slope, 0.5 * site.margin, counts)
         unsafe, flipped = counts[0]
         site.tape.count(forced=flipped, unsafe=unsafe)
         return y

@@ -40,6 +40,7 @@ from torch import Tensor, fx, nn
 
 from .drift import AnchorSetting
 from .reversible import ReversibleChain
+from .shared_layers import alias_pairs, register_alias_hooks
 
 __all__ = ["TwoStreamChain", "ZeroBranch"]
 
@@ -107,9 +108,7 @@ class TwoStreamChain(ReversibleChain):
                          drift_tolerance=drift_tolerance, verify=verify)
         self.residual_blocks = len(branches)
         self.shared = shared
-        self._register_state_dict_hook(_drop_aliases)
-        self.register_load_state_dict_pre_hook(_note_prefix)
-        self.register_load_state_dict_post_hook(_aliases_are_not_missing)
+        register_alias_hooks(self)
 
     def group_width(self, input_width: int) -> int:
         return input_width  # each stream is as wide as the chain input
@@ -145,13 +144,7 @@ class TwoStreamChain(ReversibleChain):
         buffer the branches share with the user's model: the same tensor under two names."""
         pairs = []
         for i, shared in enumerate(self.shared):
-            branch = self.blocks[i // 2][i % 2]
-            for local, path in shared.items():
-                module = getattr(branch, local, None)
-                if module is None:
-                    continue
-                for key in module.state_dict(keep_vars=True):
-                    pairs.append((f"blocks.{i // 2}.{i % 2}.{local}.{key}", f"{path}.{key}"))
+            pairs += alias_pairs(self.blocks[i // 2][i % 2], f"blocks.{i // 2}.{i % 2}.", shared)
         return pairs
 
 
@@ -161,23 +154,3 @@ def _merge(y: Tensor, x: Tensor) -> Tensor:
     a, b = y.chunk(2, dim=-1)
     return a + (b - x.to(b.dtype))
 
-
-# State-dict hooks of a TwoStreamChain (module-level functions: they pickle with the chain).
-
-def _drop_aliases(chain: "TwoStreamChain", state_dict: dict, prefix: str, local_metadata) -> None:
-    """The shared tensors are listed under the user's keys only."""
-    for mine, _ in chain.alias_keys():
-        state_dict.pop(prefix + mine, None)
-
-
-def _note_prefix(chain: "TwoStreamChain", state_dict, prefix: str, *args) -> None:
-    chain.__dict__["_load_prefix"] = prefix
-
-
-def _aliases_are_not_missing(chain: "TwoStreamChain", incompatible_keys) -> None:
-    """The chain's names of shared tensors are not missing: the tensors are the user's, loaded
-    (or reported missing) under the user's keys."""
-    prefix = chain.__dict__.pop("_load_prefix", "")
-    mine = {prefix + key for key, _ in chain.alias_keys()}
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
-                                         if k not in mine]

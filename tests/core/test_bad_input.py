@@ -65,14 +65,19 @@ class Unsupported(nn.Module):
         return self.dec(h)
 
 
-def test_unsupported_layer_two_stream_by_default_or_named_in_grouped_error():
+def test_unsupported_layer_runs_as_written_by_default_or_named_in_grouped_error():
     model = Unsupported().double()
     x, edge_index, _, _ = graph_inputs()
-    gsr = gsr_compile(model)  # coupling="auto": two-stream, the model's own layer
-    # one block: the two-stream chain computes the residual block itself
+    gsr = gsr_compile(model)  # coupling="auto": the model's own layer
+    # one block: recomputed, the residual block itself
     assert torch.equal(gsr(x, edge_index), model(x, edge_index))
     text = gsr.explain()
-    assert "two-stream coupling" in text and "no width rule for torch.nn.modules.conv.Conv1d" in text
+    assert "recomputed in the backward" in text
+    assert "no width rule for torch.nn.modules.conv.Conv1d" in text
+    gsr = gsr_compile(model, coupling="two-stream")
+    # one block: the two-stream chain computes the residual block itself
+    assert torch.equal(gsr(x, edge_index), model(x, edge_index))
+    assert "two-stream coupling" in gsr.explain()
     with pytest.raises(GSRCompileError) as info:
         gsr_compile(model, coupling="grouped")(x, edge_index)
     message = str(info.value)

@@ -331,6 +331,73 @@ def test_checkpointed_block_that_converts_becomes_reversible():
     assert saved_bytes_of_step(gsr, inputs) <= saved_bytes_of_step(model, inputs)
 
 
+class CheckpointedFunctions(nn.Module):
+    """Residual blocks checkpointed as a closure (not a module): it reads the layers, the
+    model's training flag and ``edge_index`` from the enclosing scope."""
+
+    def __init__(self, depth=3, conv=lambda: EGConv(WIDTH, WIDTH, num_heads=2, num_bases=2),
+                 dropout=0.0):
+        super().__init__()
+        self.convs = nn.ModuleList(conv() for _ in range(depth))
+        self.norms = nn.ModuleList(nn.LayerNorm(WIDTH) for _ in range(depth))
+        self.dropout = dropout
+
+    def forward(self, x, edge_index):
+        for conv, norm in zip(self.convs, self.norms):
+            # the layers bound now: the recompute in eager's backward calls block again
+            def block(h, conv=conv, norm=norm):
+                return conv(F.dropout(F.relu(norm(h)), self.dropout, self.training), edge_index)
+            x = x + checkpoint(block, x, use_reentrant=False)
+        return x
+
+
+def test_checkpointed_function_that_is_not_converted_stays_checkpointed():
+    torch.manual_seed(0)
+    model = CheckpointedFunctions().double()
+    inputs = random_graph()
+    gsr = eager_and_compiled_agree(model, inputs, min_chain_blocks=10)
+    assert not gsr.report.chains
+    calls = [n for n in gsr.graph_module.graph.nodes if n.target is checkpoint]
+    assert len(calls) == 3  # one checkpoint per block, as written
+    assert saved_bytes_of_step(gsr, inputs) <= saved_bytes_of_step(model, inputs)
+    text = gsr.explain()
+    assert text.count("kept checkpointed") == 3 and "forward.<locals>.block" in text
+    assert "NOT kept" not in text
+    assert set(k.removeprefix("compiled.") for k in gsr.state_dict()) == set(model.state_dict())
+
+
+def test_checkpointed_function_with_dropout_replays_eager_masks_in_train_and_eval():
+    torch.manual_seed(0)
+    model = CheckpointedFunctions(dropout=0.3).double()
+    inputs = random_graph()
+    gsr = gsr_compile(model, min_chain_blocks=10)
+    for train in (True, False, True):
+        model.train(train), gsr.train(train)
+        grads = []
+        for m in (model, gsr):
+            model.zero_grad()
+            torch.manual_seed(5)
+            out = m(*inputs)
+            out.square().sum().backward()
+            grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        (out_e, g_e), (out_c, g_c) = grads
+        assert torch.equal(out_c, out_e)
+        for a, b in zip(g_c, g_e):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_checkpointed_function_blocks_that_convert_become_reversible():
+    torch.manual_seed(0)
+    model = CheckpointedFunctions(depth=8, conv=lambda: SAGEConv(WIDTH, WIDTH)).double()
+    inputs = random_graph()
+    gsr = gsr_compile(model, example_inputs=inputs)
+    assert gsr.report.chains and gsr.report.chains[0].depth == 8
+    assert gsr.explain().count("now part of a reversible chain") == 8
+    assert not any(n.target is checkpoint for n in gsr.graph_module.graph.nodes)
+    exact_against_store_everything(gsr, inputs)
+    assert saved_bytes_of_step(gsr, inputs) <= saved_bytes_of_step(model, inputs)
+
+
 # -- 5. an already reversible model is left as it is -------------------------------------------
 
 class RevGNN(nn.Module):

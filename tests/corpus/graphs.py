@@ -4,6 +4,9 @@ Every helper is seeded, so two calls with the same seed give the same tensors.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
@@ -14,6 +17,23 @@ from torch_geometric.utils import to_torch_csr_tensor
 # get_bond_feature_dims); only the sizes matter here, the values are random.
 ATOM_FEATURE_DIMS = (119, 5, 12, 12, 10, 6, 6, 2, 2)
 BOND_FEATURE_DIMS = (5, 6, 2)
+
+# Every graph is this many times larger than asked (nodes, edges, molecules): 1 in the tests;
+# a benchmark raises it (``graph_scale``) to time the models on graphs of realistic size.
+_SCALE = [1]
+
+
+@contextlib.contextmanager
+def graph_scale(factor: int) -> Iterator[None]:
+    """Within the body, the helpers below make graphs ``factor`` times larger."""
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"graph scale must be a positive integer, got {factor!r}")
+    before = _SCALE[0]
+    _SCALE[0] = factor
+    try:
+        yield
+    finally:
+        _SCALE[0] = before
 
 
 def random_edge_index(num_nodes: int, num_edges: int, generator: torch.Generator) -> Tensor:
@@ -32,6 +52,7 @@ def node_graph(num_nodes: int = 200, num_edges: int = 800, in_channels: int = 8,
     """``x [N, in_channels]``, ``edge_index [2, E]`` and, with ``edge_channels``, float
     ``edge_attr [E, edge_channels]``."""
     g = torch.Generator().manual_seed(seed)
+    num_nodes, num_edges = num_nodes * _SCALE[0], num_edges * _SCALE[0]
     edge_index = random_edge_index(num_nodes, num_edges, g)
     x = torch.randn(num_nodes, in_channels, generator=g).to(dtype)
     edge_attr = None
@@ -53,6 +74,7 @@ def molecule_batch(num_graphs: int = 8, nodes_per_graph: int = 25, seed: int = 0
     ``edge_attr [E, 3]`` (long, within OGB's vocabularies), ``edge_index`` (both directions,
     inside each graph) and ``batch``."""
     g = torch.Generator().manual_seed(seed)
+    num_graphs *= _SCALE[0]
     edges, batch = [], []
     for i in range(num_graphs):
         e = random_edge_index(nodes_per_graph, 2 * nodes_per_graph, g) + i * nodes_per_graph

@@ -30,10 +30,6 @@ CONVERTING = [name for name in CORPUS if EXPECTED[name] == "converts"]
 # Checks that fail on the current code, (model, check) -> why. Shrink this as fixes land.
 # ---------------------------------------------------------------------------------------------
 FAILS_TODAY: dict[tuple[str, str], str] = {
-    ("gcn2_ppi", "saved_bytes"): "issue 16: a ReLU after each residual sum splits the model "
-                                 "into 16 one-block two-stream chains, each keeping its input "
-                                 "and output: 0.89x eager's saved bytes at depth 16, not at "
-                                 "most half",
 }
 # ---------------------------------------------------------------------------------------------
 

@@ -322,3 +322,39 @@ def test_replayed_relu_without_native_code_gives_the_same_gradients(monkeypatch)
         results.append((forward, out.detach(), leaf.grad, tape.settle().recorded))
     (f1, o1, g1, r1), (f2, o2, g2, r2) = results
     assert torch.equal(f1, f2) and torch.equal(o1, o2) and torch.equal(g1, g2) and r1 == r2
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+@pytest.mark.parametrize("native", [True, False])
+def test_dense_and_sparse_sign_records_replay_alike(slope, native, monkeypatch):
+    """A ReLU whose input is half exact zeros records bitmasks at once (no positions); the
+    recompute forces the same elements, to the same values and gradients, and counts the same
+    as the positions of a sparse record would."""
+    import gsr_compiler.runtime.replayed_relu as replayed
+    if not native:
+        monkeypatch.setattr(replayed, "native_relu_covers", lambda x: False)
+    g = torch.Generator().manual_seed(2)
+    x = F.relu(torch.randn(200, 16, generator=g))
+    x[5, :3] = torch.tensor([-1e-8, 2e-8, 0.5])
+    x[7, 1] = 1.0
+    moved = x + 1e-9 * torch.randn(x.shape, generator=g)
+    moved[7, 1] = 1e-6 * x[7].norm()  # unrecorded near zero in the recompute: unsafe
+    results = []
+    for dense in (True, False):
+        if not dense:
+            monkeypatch.setattr(replayed, "dense_sign_threshold", lambda numel: numel)
+        tape = ChoiceTape(1e-4)
+        with torch.no_grad(), tape.site(0, 0, replay=False):
+            forward = ReplayedReLU(slope)(x)
+        assert tape._records[(0, 0)][0].dense is dense
+        tape.keep({0: 1e-4})
+        leaf = moved.clone().requires_grad_()
+        with tape.site(0, 0, replay=True):
+            out = ReplayedReLU(slope)(leaf)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        stats = tape.settle()
+        results.append((forward, out.detach(), leaf.grad, stats.recorded, stats.forced,
+                        stats.unsafe))
+    (f1, o1, g1, *c1), (f2, o2, g2, *c2) = results
+    assert torch.equal(f1, f2) and torch.equal(o1, o2) and torch.equal(g1, g2)
+    assert c1 == c2 and c1[1] > 100 and c1[2] >= 1

@@ -49,6 +49,7 @@ struct Job {
   const int64_t* forced;  // replay: ascending flat positions
   const uint8_t* positive;
   int64_t n_forced;
+  int64_t cap;  // record: positions beyond this many are counted, not collected
 };
 
 // Writes through `out` could alias any float the loop reads through a pointer, so everything the
@@ -86,7 +87,7 @@ void run_rows(const Job& job, int64_t begin, int64_t end, Found* found) {
     int32_t count;
     row_relu(row, out, w, slope, limit, &count);
     found->count += count;
-    if (job.record && count) {
+    if (job.record && count && static_cast<int64_t>(found->positions.size()) < job.cap) {
       for (int64_t c = 0; c < w; ++c) {
         if (std::fabs(row[c]) <= limit) {
           found->positions.push_back(r * w + c);
@@ -137,11 +138,12 @@ int64_t run(const Job& job, int64_t rows, int64_t* positions, float* margins, in
 extern "C" {
 
 // x, y: [rows, width] contiguous; rms: [rows]. Returns how many elements have
-// |x| <= margin * rms(row); their positions and margins fill positions/margins up to cap.
+// |x| <= margin * rms(row); their positions and margins fill positions/margins up to cap (a
+// count above cap: the caller asks again with more room, or records them another way).
 int64_t gsr_relu_record_f32(const float* x, float* y, float* rms, int64_t rows, int64_t width,
                             float slope, float margin, int64_t* positions, float* margins,
                             int64_t cap, int threads) {
-  Job job{x, y, rms, width, slope, margin, true, nullptr, nullptr, 0};
+  Job job{x, y, rms, width, slope, margin, true, nullptr, nullptr, 0, cap};
   return run(job, rows, positions, margins, cap, threads);
 }
 
@@ -150,7 +152,7 @@ int64_t gsr_relu_record_f32(const float* x, float* y, float* rms, int64_t rows, 
 int64_t gsr_relu_replay_f32(const float* x, float* y, float* rms, int64_t rows, int64_t width,
                             float slope, float margin, const int64_t* forced,
                             const uint8_t* positive, int64_t n_forced, int threads) {
-  Job job{x, y, rms, width, slope, margin, false, forced, positive, n_forced};
+  Job job{x, y, rms, width, slope, margin, false, forced, positive, n_forced, 0};
   return run(job, rows, nullptr, nullptr, 0, threads);
 }
 

@@ -11,6 +11,7 @@ one path and not the other).
 from __future__ import annotations
 
 import ctypes
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -50,14 +51,17 @@ def _shape(x: Tensor) -> tuple[Tensor, Tensor, Tensor, int, int]:
     return x, torch.empty_like(x), torch.empty(rows, dtype=torch.float32), rows, width
 
 
-def native_relu_record(x: Tensor, slope: float, margin: float
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def native_relu_record(x: Tensor, slope: float, margin: float, most: Optional[int] = None
+                       ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(leaky_relu(x, slope), rms of each row, flat positions with |x| <= margin * rms,
-    |x| / rms there)``; positions ascending, int64."""
+    |x| / rms there)``; positions ascending, int64. With more than ``most`` such elements, the
+    positions and margins are None (not collected)."""
     x, y, rms, rows, width = _shape(x)
     fn = _library().gsr_relu_record_f32
     fn.argtypes, fn.restype = [_P, _P, _P, _I, _I, _F, _F, _P, _P, _I, ctypes.c_int], _I
     cap = int(4 * margin * x.numel()) + 1024  # about twice the Gaussian expectation
+    if most is not None:
+        cap = min(cap, most)
     while True:
         positions = torch.empty(cap, dtype=torch.int64)
         margins = torch.empty(cap, dtype=torch.float32)
@@ -66,6 +70,8 @@ def native_relu_record(x: Tensor, slope: float, margin: float
                    torch.get_num_threads()) if rows else 0
         if count <= cap:
             return y, rms, positions[:count], margins[:count]
+        if most is not None and count > most:
+            return y, rms, None, None
         cap = count
 
 
