@@ -38,6 +38,7 @@ from .runtime.native import native_topk_available, native_topk_status
 from .runtime.reversible import ReversibleChain
 from .runtime.sparse import GroupTopK, GroupTopKCompress
 from .passes.restore_checkpoints import RestoreCheckpoints
+from .peak import PeakPredictor, StepPeak
 from .tracer import (_ALREADY_REVERSIBLE, TraceFindings, check_leaf_modules,
                      split_call_arguments, trace)
 
@@ -313,6 +314,40 @@ class GSRModule(nn.Module):
         ``num_edges`` edges (default: the traced inputs), without running anything."""
         return self.liveness.plan(num_nodes, num_edges)
 
+    def predict_peak(self, num_nodes: int | None = None, num_edges: int | None = None, *,
+                     optimizer: str = "adam", device: str | None = None) -> "StepPeak":
+        """The predicted peak of one training step at ``num_nodes`` nodes and ``num_edges``
+        edges (default: the traced inputs), without running anything: parameters, gradients,
+        optimizer state, inputs, the arena and the activations' high point
+        (:mod:`gsr_compiler.peak`). ``device`` defaults to the parameters' device."""
+        return self._peak_predictor().predict(num_nodes, num_edges, optimizer,
+                                              device or self._device())
+
+    def max_nodes(self, budget: int | str, avg_degree: float | None = None, *,
+                  optimizer: str = "adam", device: str | None = None) -> int:
+        """The largest graph (or batch) whose training step is predicted to fit ``budget``
+        (bytes, or a string such as ``"6GiB"``), with ``avg_degree`` edges per node (default:
+        the traced graph's); 0 when not even one node fits."""
+        from .budget import parse_budget
+
+        nbytes = parse_budget(budget, "budget")
+        return self._peak_predictor().max_nodes(nbytes, avg_degree, optimizer,
+                                                device or self._device())
+
+    def _peak_predictor(self) -> "PeakPredictor":
+        from .peak import PeakPredictor
+
+        self.graph_module  # raises when not compiled
+        key = next((k for k in (self._last_key, *self._graphs) if k in self._graphs and k[0]
+                    and k in self.__dict__.get("_liveness", {})), None)
+        if key is None:
+            raise GSRCompileError("the step peak is that of a training step: compile in train() "
+                                  "mode (only graphs traced for eval exist)")
+        return PeakPredictor(self._liveness[key], self._graphs[key], self)
+
+    def _device(self) -> str:
+        return str(next((p.device for p in self.parameters()), torch.device("cpu")))
+
     @property
     def coupling_arena(self) -> CouplingArena | None:
         """The arena the chains run their coupling in (None with ``plan_memory=False``)."""
@@ -326,7 +361,8 @@ class GSRModule(nn.Module):
         report = self.report
         if report.precision is not None and report.chains:
             report.precision.last_step = self.precision_report()
-        return str(report)
+        choice = self.__dict__.get("_budget_choice")
+        return str(report) + ("\n" + "\n".join(choice.lines()) if choice else "")
 
     def verify_gradients(self, inputs, loss_fn=None, *, kwargs: dict | None = None,
                          tolerance: float | None = None):
@@ -531,4 +567,8 @@ def gsr_compile(model: nn.Module, config: GSRConfig | None = None, *,
     The user's model is not modified; modules outside the converted chains are shared.
     """
     cfg = GSRConfig.from_options(config, **options)
+    if cfg.memory_budget is not None:
+        from .budget import compile_within_budget
+
+        return compile_within_budget(model, cfg, example_inputs, example_kwargs)
     return GSRModule(model, cfg, example_inputs=example_inputs, example_kwargs=example_kwargs)

@@ -69,6 +69,7 @@ def _train(args: argparse.Namespace) -> int:
         test=names(args.test), eval_every=args.eval_every, eval_max_nodes=args.eval_max_nodes,
         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, out=args.out,
         resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        memory_budget=args.memory_budget,
     )
     if args.nproc is None and args.dist_timeout is None \
             and "TORCHELASTIC_RUN_ID" not in os.environ:  # not under torchrun
@@ -85,6 +86,18 @@ def _train(args: argparse.Namespace) -> int:
         launch_data_parallel(cfg, args.nproc, args.dist_timeout)
     else:
         raise ValueError("--dist-timeout applies to data-parallel runs (--nproc N or torchrun)")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .budget import parse_budget
+    from .step_plan import format_plan, plan_training_step
+
+    memory = parse_budget(args.device_memory, "--device-memory")
+    rows, info = plan_training_step(args.depth, args.width, args.circuit, memory, conv=args.conv,
+                                    groups=args.groups, sparse_k=args.sparse_k or None,
+                                    optimizer=args.optimizer, device=args.device)
+    print(format_plan(rows, info))
     return 0
 
 
@@ -189,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
     tr.add_argument("--overwrite", action="store_true", help="start over in a used --out folder")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--memory-budget", metavar="SIZE",
+                    help="bytes a training step may use, e.g. 6GiB: sizes the batches to the "
+                         "largest that is predicted to fit (whole circuits when they do) and "
+                         "refuses a step predicted to exceed it")
     tr.add_argument("--nproc", type=int, default=None, metavar="N",
                     help="data-parallel training on N ranks of this machine, started by torch's "
                          "elastic launcher (under torchrun, leave it out); docs/distributed.md")
@@ -201,6 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--partition", default="auto",
                     help="with --graph-parallel: auto, metis (needs pymetis), bfs, level")
     tr.set_defaults(run=_train)
+
+    pl = sub.add_parser("plan", help="predicted peak memory of a training step on a circuit, "
+                                     "plain vs GSR, with the largest depth and batch that fit "
+                                     "a device; runs nothing")
+    pl.add_argument("--depth", type=int, default=256, help="residual blocks")
+    pl.add_argument("--width", type=int, default=128, help="channels")
+    pl.add_argument("--conv", default="sage", help="sage, gcn, graph, gin, gat or gen")
+    pl.add_argument("--groups", type=int, default=2, help="channel groups of the GSR form")
+    pl.add_argument("--sparse-k", type=int, default=0,
+                    help="values kept per node and group by the GSR form (0: dense ReLU)")
+    pl.add_argument("--circuit", default="b19_Cg", help="bundled circuit name or .v/.bench path")
+    pl.add_argument("--device-memory", default="80GiB", metavar="SIZE",
+                    help="memory of the device, e.g. 80GiB, 512MiB, 1.5GB")
+    pl.add_argument("--optimizer", default="adam", help="adam, adamw, sgd, sgd-momentum, none")
+    pl.add_argument("--device", default="cuda", help="cuda (allocator blocks counted) or cpu")
+    pl.set_defaults(run=_plan)
 
     # listed here rather than imported: building the parser must not import torch
     baselines = ("plain, checkpoint, deepgcn, groupaddrev, torch.compile, gsr-rev, gsr-sparse, "

@@ -91,6 +91,14 @@ class GSRConfig:
             ``model.named_modules()`` gives them (``"encoder"``, ``"layers.3"``). Submodules whose
             tracing fails are kept whole anyway (a graph break, listed by ``explain()``); name
             one here to keep it whole from the start.
+        memory_budget: bytes one training step may use (parameters, gradients, Adam's state,
+            inputs, arena and activations), an int or a string such as ``"6GiB"``, ``"512MiB"``
+            or ``"1.5GB"``. At compile time (``example_inputs=`` is then required) the options
+            the compiler controls (``recompute_head``, ``plan_memory``, ``groups``, ``sparse_k``)
+            are chosen, cheapest in extra compute first, so that the step peak predicted at the
+            traced size fits; ``explain()`` reports the choice. When none fits, compiling raises
+            with the predicted minimum and the largest graph that would fit
+            (docs/memory-budget.md). ``None`` (default): no budget.
     """
 
     groups: int = 2
@@ -107,9 +115,17 @@ class GSRConfig:
     drift_tolerance: float = 1e-3
     verify: bool = False
     leaf_modules: tuple = ()
+    memory_budget: int | str | None = None
 
     def __post_init__(self) -> None:
         self._check_leaf_modules()
+        if self.memory_budget is not None:
+            from .budget import parse_budget
+
+            try:  # normalized to bytes, so that configs compare alike
+                object.__setattr__(self, "memory_budget", parse_budget(self.memory_budget))
+            except ValueError as e:
+                raise GSRCompileError(str(e)) from None
         if not isinstance(self.backend, str) or self.backend not in BACKENDS:
             raise GSRCompileError(
                 f"backend={self.backend!r}: must be one of "

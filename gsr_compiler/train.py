@@ -59,7 +59,8 @@ CHECKPOINT_VERSION = 1
 # Options that define the run: a checkpoint may only be resumed with the same values.
 # (steps, eval_every, checkpoint_every, device, out and progress may change on resume.)
 _RUN_DEFINING = ("label", "conv", "depth", "width", "groups", "gsr", "sparse_k", "dropout", "lr",
-                 "weight_decay", "clip", "batch_nodes", "full_graphs", "train", "seed")
+                 "weight_decay", "clip", "batch_nodes", "full_graphs", "train", "seed",
+                 "memory_budget")
 
 
 @dataclass
@@ -93,6 +94,7 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     cache_dir: Optional[str] = None
+    memory_budget: Optional[str] = None  # bytes a step may use ("6GiB"): sizes the batches
 
     def run_defining(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _RUN_DEFINING}
@@ -183,8 +185,10 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"--conv gat uses 4 heads, so the branch width ({branch_width}"
                          f"{' = width/groups' if cfg.gsr else ''}) must be a multiple of 4")
     from .devices import check_device
+    from .train_budget import validate_budget
 
     device = check_device(cfg.device)
+    validate_budget(cfg.memory_budget)
 
     # the circuit split
     train_names = _circuit_names(cfg.train, "train")
@@ -674,6 +678,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     schedule = _BatchSchedule(train_data, cfg)
     start = checkpoint["step"] if checkpoint else 0
     model = _build_model(cfg, train_data[0].x.shape[1], schedule(start).to(device), device)
+    guard = None
+    if cfg.memory_budget is not None:  # batches sized to the budget (train_budget.py)
+        from .train_budget import fit_batches_to_budget
+
+        sized, guard = fit_batches_to_budget(model, cfg, schedule(start), train_data, log)
+        schedule = _BatchSchedule(train_data, sized)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[dict] = []
     train_seconds = 0.0
@@ -692,7 +702,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
         torch.manual_seed(cfg.seed + 1)  # the stream dropout draws from
     num_params = sum(p.numel() for p in model.parameters())
     log(f"{num_params:,} parameters; {cfg.steps - start} step(s) to go, batches of up to "
-        f"{cfg.batch_nodes} nodes ({'whole circuits' if cfg.full_graphs else 'cone samples'})")
+        f"{schedule.budget} nodes ({'whole circuits' if schedule.sampler is None else 'cone samples'})")
 
     checkpoint_path = os.path.join(cfg.out, CHECKPOINT)
     every_ckpt = cfg.checkpoint_every or cfg.eval_every or cfg.steps
@@ -717,6 +727,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print,
     for step in bar:
         tick = time.perf_counter()
         batch = schedule(step).to(device)
+        if guard is not None:
+            guard(step, batch)  # refuses a step predicted to exceed the budget
         loss_value = train_step(model, optimizer, batch, cfg.clip)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step + 1}; lower --lr or "

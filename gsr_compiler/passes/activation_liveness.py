@@ -21,7 +21,12 @@ views keep nothing; ReLU, sigmoid, tanh, the group top-k and a reversible chain 
 output (a chain also its side inputs); dropout keeps a one-byte mask per element; anything
 else keeps its tensor inputs. A message-passing layer also materializes its messages
 (``[E, C]``) while it runs (twice over for GCN/GAT/GEN, which scale them per edge), and those
-layers keep one copy for backward. Op-internal scratch beyond that, parameters, their gradients
+layers keep one copy for backward. What the ops inside a message-passing layer keep (``SAGEConv``'s
+aggregated neighbourhood, ``GINConv``'s hidden layer) is measured by running the layer on small
+inputs of the traced shapes (``passes/layer_internals.py``), and so are the high points of the
+bytes its forward and its backward allocate (messages, index tensors, the gradients of what it
+kept); for such a layer these replace the message rules above. Other op-internal scratch,
+parameters, their gradients
 and optimizer state are not counted. The sizes are exact for what the graph shows and estimates
 for the inside of layers.
 
@@ -53,6 +58,7 @@ from ..runtime.sparse import CompressedDropout, GroupTopK, GroupTopKCompress
 from ..runtime.sparse.compressed import compressed_nbytes_per_row
 from ..runtime.sparse.conv import _CompressedMessagePassing
 from ..runtime.sparse.norm_topk import LayerNormGroupTopKCompress
+from .layer_internals import LayerMemory, internal_saved_bytes
 
 try:
     from torch_geometric.nn.conv import MessagePassing
@@ -325,6 +331,7 @@ class _LivenessWalk:
         self.placed: list[str] = []
         self.unsized: set[str] = set()
         self._chain_info: dict[fx.Node, dict] = {}
+        self._probes: dict[str, object] = {}
 
     # -- op rules ------------------------------------------------------------------------
 
@@ -399,6 +406,57 @@ class _LivenessWalk:
         copies = 2 if type(m).__name__ in _KEEPS_MESSAGES else 1
         return SymbolicSize(per_edge=copies * int(t.shape[-1]) * _itemsize(t.dtype))
 
+    def _internal(self, seg: _Segment, node: fx.Node, module: nn.Module
+                  ) -> Optional[LayerMemory]:
+        """What a message-passing layer keeps and allocates inside itself, measured on small
+        inputs of the traced shapes (``passes/layer_internals.py``), or None."""
+        N, E = self.N, self.E
+
+        def symbolic(shape: tuple) -> tuple:
+            return tuple("N" if d == N else "E" if E and d == E else d for d in shape)
+
+        def info(a) -> Optional[_Tensor]:
+            if not isinstance(a, fx.Node):
+                return None
+            return seg.info[a] if seg.info.get(a) is not None else _traced(a)  # user inputs
+
+        signature = []
+        for a in list(node.args) + list(node.kwargs.values()):
+            t = info(a)
+            if isinstance(a, fx.Node) and t is None and seg.env.get(a) is not None:
+                return None  # an activation of unknown shape: cannot be made up
+            signature.append(None if t is None else (symbolic(t.shape), t.dtype, t.compressed,
+                                                       bool(seg.requires_grad.get(a))))
+        key = (type(module), repr(module), module.training, tuple(signature))
+
+        def make(value, t, n: int, e: int, grad: bool):
+            if t is None:
+                return value if not isinstance(value, fx.Node) else None
+            shape = tuple(n if d == "N" else e if d == "E" else d for d in symbolic(t.shape))
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            if t.dtype.is_floating_point:
+                x = torch.randn(shape, dtype=t.dtype, device=device)
+                if t.compressed is not None:
+                    from ..runtime.sparse import group_topk_compress
+
+                    x = group_topk_compress(x, t.compressed[0], t.compressed[1], backend="torch")
+                    return x
+                return x.requires_grad_(grad)
+            if len(shape) == 2 and shape[0] == 2:  # edges without self-loops, which some
+                # layers remove and add back: their count must not depend on the draw
+                src = torch.randint(0, n, shape[1:], device=device)
+                dst = (src + torch.randint(1, max(n, 2), shape[1:], device=device)) % max(n, 2)
+                return torch.stack([src, dst]).to(t.dtype)
+            return torch.zeros(shape, dtype=t.dtype, device=device)
+
+        def make_args(n: int, e: int) -> tuple[list, dict]:
+            args = [make(a, info(a), n, e, bool(seg.requires_grad.get(a))) for a in node.args]
+            kwargs = {k: make(a, info(a), n, e, bool(seg.requires_grad.get(a)))
+                      for k, a in node.kwargs.items()}
+            return args, kwargs
+
+        return internal_saved_bytes(module, key, make_args)
+
     def _info(self, seg: _Segment, node: fx.Node) -> Optional[_Tensor]:
         t = _traced(node, seg.narrow)
         if t is not None:
@@ -453,7 +511,15 @@ class _LivenessWalk:
                 continue
             messages = self._messages(seg, node)
             name = seg.prefix + node.name
-            if messages is not None:
+            # a message-passing layer that takes gradients is measured (layer_internals.py)
+            probe = self._internal(seg, node, module) if (
+                seg.grad and seg.requires_grad[node]
+                and isinstance(module, _MESSAGE_PASSING)) else None
+            self._probes[name] = probe
+            if probe is not None:
+                if probe.forward != SymbolicSize():
+                    tl.define(name + ".messages", probe.forward, "message")
+            elif messages is not None:
                 tl.define(name + ".messages", messages, "message")
             if seg.info[node] is None:
                 self.unsized.add(name)
@@ -469,7 +535,15 @@ class _LivenessWalk:
             if mask is not None:
                 tl.define(name + ".mask", mask, "saved")
                 kept.append(name + ".mask")
-            if messages is not None and type(module).__name__ in _KEEPS_MESSAGES:
+            if probe is not None:
+                # what the layer's own ops keep, measured; it includes the kept messages, so
+                # they are not counted again below
+                if probe.kept != SymbolicSize():
+                    tl.define(name + ".internal", probe.kept, "saved")
+                    kept.append(name + ".internal")
+                if probe.keeps_output and name not in kept:
+                    kept.append(name)
+            elif messages is not None and type(module).__name__ in _KEEPS_MESSAGES:
                 # one of the two copies (the gathered inputs of the product) stays
                 tl.define(name + ".messages.kept", SymbolicSize(per_edge=messages.per_edge // 2),
                           "saved")
@@ -493,22 +567,34 @@ class _LivenessWalk:
             tl.touch(g)
             for k in seg.kept.get(node, []):
                 tl.touch(k)
-            messages = self._messages(seg, node)
-            if messages is not None:
+            probe = self._probes.get(seg.prefix + node.name)
+            messages = probe.backward if probe is not None else self._messages(seg, node)
+            if messages is not None and messages != SymbolicSize():
+                # what the layer's backward holds at its high point besides its inputs' grads
                 tl.define(seg.prefix + node.name + ".messages.grad", messages, "message")
             self._produce_input_grads(seg, node)
 
     def _produce_input_grads(self, seg: _Segment, node: fx.Node) -> None:
+        own = seg.grad_name(node)
+        passes = own is not None and self.tl.has(own) and (
+            (node.op == "call_function" and node.target in (operator.add, torch.add))
+            or (node.op == "call_method" and node.target == "add"))
         for a in node.all_input_nodes:
             if not seg.requires_grad.get(a):
                 continue
             g = seg.grad_name(a)
             if g is None:
                 continue
+            size = self.sizes.size(self._value_info(seg, a))
             if self.tl.has(g):
                 self.tl.touch(g)  # accumulated into the existing gradient
+            elif passes and a not in seg.grad_names and size == self.tl.size[own]:
+                # an addition hands its output's gradient to its inputs as it is: the same
+                # tensor, not a copy per input
+                seg.grad_names[a] = own
+                self.tl.touch(own)
             else:
-                self.tl.define(g, self.sizes.size(self._value_info(seg, a)), "grad")
+                self.tl.define(g, size, "grad")
 
     @staticmethod
     def _value_info(seg: _Segment, node: fx.Node) -> Optional[_Tensor]:
@@ -584,7 +670,7 @@ class _LivenessWalk:
         for p, s in zip(placeholders[1:], sides):
             is_node = isinstance(s, fx.Node)
             seg.env[p] = top.env.get(s) if is_node else None
-            seg.info[p] = top.info.get(s) if is_node else None
+            seg.info[p] = (top.info.get(s) or _traced(s)) if is_node else None  # user inputs too
             seg.requires_grad[p] = grad and is_node and top.requires_grad.get(s, False)
             if is_node:
                 seg.grad_names[p] = top.grad_name(s)
