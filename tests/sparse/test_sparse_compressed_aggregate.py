@@ -181,10 +181,9 @@ def test_linear_first_layers_move_edges_in_chunks(layer, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("aggr,bias", [("mean", True), ("sum", True), ("mean", False)])
-def test_sageconv_stacked_linear_matches_pyg(dtype, aggr, bias):
-    """CompressedSAGEConv runs lin_l and lin_r as one compressed_linear of the stacked weights:
-    forward, input gradient and every parameter gradient equal PyG's SAGEConv on the dense
-    top-k output."""
+def test_compressed_sageconv_matches_pyg_with_parameter_gradients(dtype, aggr, bias):
+    """CompressedSAGEConv (linear first, root weight): forward, input gradient and every
+    parameter gradient equal PyG's SAGEConv on the dense top-k output."""
     from gsr_compiler.runtime.sparse.conv import CompressedSAGEConv
 
     torch.manual_seed(3)

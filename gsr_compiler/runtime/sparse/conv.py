@@ -167,28 +167,15 @@ class CompressedSAGEConv(_CompressedMessagePassing):
 
     def forward(self, c: CompressedActivation, edge_index: Tensor, size=None) -> Tensor:
         _no_size(size, "CompressedSAGEConv")
-        if self._linear_first(None) and self.root_weight:
-            # Both linear maps read the same compressed input: one compressed_linear of the
-            # stacked weights gathers the kept values once and, in backward, rebuilds the dense
-            # input once for both weight gradients (two calls did each twice).
-            out_channels = self.lin_l.weight.shape[0]
-            both = compressed_linear(c, torch.cat([self.lin_l.weight, self.lin_r.weight]))
-            root = both[:, out_channels:]
-            if self.lin_r.bias is not None:
-                root = root + self.lin_r.bias
-            out = self._propagate(both[:, :out_channels], edge_index)
-            if self.lin_l.bias is not None:
-                out.add_(self.lin_l.bias)
-            out = out.add_(root)
-            del both, root
-        elif self._linear_first(None):
-            # out is a fresh tensor nothing saved: the bias goes in in place.
+        if self._linear_first(None):
+            # out is a fresh tensor nothing saved: the bias and root term go in in place, so
+            # no more than two [N, out] tensors live at once.
             out = self._propagate(compressed_linear(c, self.lin_l.weight), edge_index)
             if self.lin_l.bias is not None:
                 out.add_(self.lin_l.bias)
         else:
             out = self.lin_l(self._aggregate(c, edge_index))
-        if self.root_weight and not self._linear_first(None):
+        if self.root_weight:
             out = out.add_(compressed_linear(c, self.lin_r.weight, self.lin_r.bias))
         if self.normalize:
             out = F.normalize(out, p=2.0, dim=-1)
