@@ -27,6 +27,7 @@ import torch
 
 from gsr_compiler import gsr_compile
 from gsr_compiler.models import ResidualGNN
+from gsr_compiler.passes.layer_internals import allocation_peak
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,8 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def measured_peak(conv: str, depth: int, groups: int, width: int, nodes: int, edges: int,
                   sparse_k: int | None, plan_memory: bool) -> tuple[int, int]:
     """(peak bytes allocated during one training step, arena bytes allocated before it)."""
-    from torch.profiler import ProfilerActivity, profile
-
     torch.manual_seed(0)
     model = ResidualGNN(16, width, 1, depth=depth, conv=conv)
     x, edge_index = torch.randn(nodes, 16), torch.randint(0, nodes, (2, edges))
@@ -56,14 +55,7 @@ def measured_peak(conv: str, depth: int, groups: int, width: int, nodes: int, ed
                       plan_memory=plan_memory)
     for _ in range(2):  # the arena and the gradients exist before the measured step
         gsr(x, edge_index).sum().backward()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        gsr(x, edge_index).sum().backward()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
+    _, peak = allocation_peak(lambda: gsr(x, edge_index).sum().backward())
     arena = gsr.coupling_arena.reserved_bytes if gsr.coupling_arena is not None else 0
     return peak, arena
 

@@ -60,7 +60,7 @@ class LayerMemory:
     keeps_output: bool
 
 
-def _allocation_peak(run: Callable[[], Any]) -> tuple[Any, int]:
+def allocation_peak(run: Callable[[], Any]) -> tuple[Any, int]:
     """``run()``'s result and the high point of the bytes it allocated, from the profiler's
     allocation events (CPU and CUDA alike)."""
     from torch.profiler import ProfilerActivity, profile
@@ -128,7 +128,7 @@ def _measure(module: nn.Module, make_args: Callable[[int, int], tuple[list, dict
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             return module(*args, **kwargs)
 
-    out, forward_peak = _allocation_peak(forward)
+    out, forward_peak = allocation_peak(forward)
     outs = {_storage_key(t) for t in _tensors(out)}
     output_kept = any(p in seen for p in outs)
     kept = sum(b for p, b in seen.items() if p not in outs)
@@ -139,7 +139,7 @@ def _measure(module: nn.Module, make_args: Callable[[int, int], tuple[list, dict
              if t.requires_grad]
     if isinstance(out, torch.Tensor) and out.requires_grad and wants:
         grad_out = torch.randn_like(out)
-        grads, backward_peak = _allocation_peak(
+        grads, backward_peak = allocation_peak(
             lambda: torch.autograd.grad(out, wants, grad_out, allow_unused=True))
         produced = _nbytes([g for g in grads if g is not None])
         backward_extra = max(0, backward_peak - produced)

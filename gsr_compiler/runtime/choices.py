@@ -96,7 +96,7 @@ def _unpack_bits(packed: Tensor, numel: int) -> Tensor:
 def dense_sign_threshold(numel: int) -> int:
     """The count of recorded signs above which two bitmasks over every element (2 bits each)
     are smaller than the positions and choices of the recorded ones."""
-    bits_per_recorded = (torch.empty((), dtype=_index_dtype(numel)).element_size() + 1) * 8
+    bits_per_recorded = (_index_dtype(numel).itemsize + 1) * 8
     return (2 * numel + 64) // bits_per_recorded
 
 
