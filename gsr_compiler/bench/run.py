@@ -163,7 +163,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print,
                                                                         f"{point.label}")
 
     os.makedirs(o.out, exist_ok=True)
-    log(f"gsr bench: {', '.join(o.sweeps)} sweep(s) of {', '.join(o.baselines)} on {o.device}; "
+    running = dict.fromkeys(b for names in o.sweep_baselines.values() for b in names)
+    log(f"gsr bench: {', '.join(o.sweeps)} sweep(s) of {', '.join(running)} on {o.device}; "
         f"results in {o.out}/")
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
