@@ -169,8 +169,9 @@ def train_for_seconds(job: TrainJob) -> dict:
         clock += done - tick
         steps += 1
         position += 1
-        while marks and clock >= marks[0]:
-            marks.pop(0)
+        if marks and clock >= marks[0]:
+            while marks and clock >= marks[0]:  # one long step can pass several marks
+                marks.pop(0)
             scoring = time.perf_counter()
             test_metrics, _ = evaluate(model, test, cfg, device)
             average = test_metrics["average"]
