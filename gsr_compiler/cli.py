@@ -129,6 +129,9 @@ def _bench(args: argparse.Namespace) -> int:
         label=args.label, batch_nodes=args.batch_nodes, lr=args.lr, train=names(args.train),
         test=names(args.test), eval_max_nodes=args.eval_max_nodes,
         memory_budget_gib=args.memory_budget, time_budget=args.time_budget,
+        step_budget_gib=args.step_budget, budget_depth=args.budget_depth,
+        budget_train=names(args.budget_train), budget_test=names(args.budget_test),
+        train_seconds=args.train_seconds, budget_evals=args.budget_evals,
         threads=args.threads, seed=args.seed, progress=not args.no_progress,
     ), command=shlex.join(["gsr", *args.argv]))
     return 0
@@ -250,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     be.add_argument("--baselines", help=f"comma-separated, of: {baselines} (default: all)")
     be.add_argument("--sweeps",
-                    help="comma-separated, of: depth, width, size, quality (default: all)")
+                    help="comma-separated, of: depth, width, size, quality, budget (default: all "
+                         "but budget)")
     be.add_argument("--conv", default="sage", help="message-passing layer of every block")
     be.add_argument("--groups", type=int, default=2, help="channel groups of the grouped forms")
     be.add_argument("--sparse-k", type=int, default=None,
@@ -286,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: 80%% of the memory available at start; CUDA: the device)")
     be.add_argument("--time-budget", type=float, metavar="SECONDS",
                     help="stop a configuration that runs longer (full: 1800, quick: 120)")
+    be.add_argument("--step-budget", type=float, metavar="GIB",
+                    help="budget sweep: the memory a training step may use, in GiB (what is "
+                         "resident plus the step's measured RSS rise; full: 1, quick: 1/256)")
+    be.add_argument("--budget-depth", type=int, help="budget sweep: depth (full: 256)")
+    be.add_argument("--budget-train", help="budget sweep: training circuits (full: the ITC99 "
+                                           "circuits of the family split)")
+    be.add_argument("--budget-test", help="budget sweep: test circuits (full: family split)")
+    be.add_argument("--train-seconds", type=float,
+                    help="budget sweep: wall-clock seconds of training per baseline (full: 600)")
+    be.add_argument("--budget-evals", type=int,
+                    help="budget sweep: test scorings over the training clock (full: 4)")
     be.add_argument("--threads", type=int, help="torch threads per measuring process")
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--no-progress", action="store_true", help="no progress bars")

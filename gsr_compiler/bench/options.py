@@ -14,7 +14,10 @@ from typing import Any, Optional
 from ..devices import check_device
 from .baselines import BASELINES, ModelSpec, check_spec
 
-SWEEPS = ("depth", "width", "size", "quality")
+SWEEPS = ("depth", "width", "size", "quality", "budget")
+#: What runs without ``--sweeps``: the budget sweep trains every baseline for minutes, so it
+#: runs when asked for.
+DEFAULT_SWEEPS = ("depth", "width", "size", "quality")
 
 #: The full run, meant for a GPU or a patient CPU (docs/bench/cpu holds a smaller CPU run).
 FULL_PRESET: dict[str, Any] = dict(
@@ -24,6 +27,8 @@ FULL_PRESET: dict[str, Any] = dict(
     cone_nodes=100_000, timing_steps=5,
     quality_depths=[4, 16, 64, 256], quality_steps=300, batch_nodes=4096, eval_max_nodes=20_000,
     train=None, test=None, time_budget=1800.0,
+    step_budget_gib=1.0, budget_depth=256, budget_train=None, budget_test=None,
+    train_seconds=600.0, budget_evals=4,
 )
 
 #: ``--quick``: a small circuit, few depths, few steps; a few minutes on a 2-core CPU.
@@ -32,6 +37,8 @@ QUICK_PRESET: dict[str, Any] = dict(
     circuits=["c432", "c6288"], size_depth=8, cone_nodes=100_000, timing_steps=2,
     quality_depths=[4, 16], quality_steps=10, batch_nodes=512, eval_max_nodes=None,
     train=["c432", "c880", "c1908"], test=["c499", "c1355"], time_budget=120.0,
+    step_budget_gib=1 / 256, budget_depth=16, budget_train=["c432", "c880", "c1908", "c2670"],
+    budget_test=["c499", "c1355"], train_seconds=15.0, budget_evals=3,
 )
 
 #: Baselines compared for quality by default: the others compute the plain model's function.
@@ -75,6 +82,13 @@ class BenchOptions:
     test: Optional[list[str]] = None
     eval_max_nodes: Optional[int] = None
     memory_budget_gib: Optional[float] = None  # default: 80% of the memory available at start (CPU)
+    # the budget sweep
+    step_budget_gib: Optional[float] = None  # a training step's measured peak must fit this
+    budget_depth: Optional[int] = None
+    budget_train: Optional[list[str]] = None  # default: the ITC99 circuits of the family split
+    budget_test: Optional[list[str]] = None  # default: the family split's test circuits
+    train_seconds: Optional[float] = None  # equal wall clock of training per baseline
+    budget_evals: Optional[int] = None  # test scorings over that clock
     time_budget: Optional[float] = None  # seconds per configuration
     threads: Optional[int] = None  # torch threads per measuring process (default: this process's)
     seed: int = 0
@@ -139,7 +153,8 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
     o.notes = []
 
     o.device = check_device(o.device)
-    o.sweeps = _names("--sweeps", o.sweeps if o.sweeps is not None else list(SWEEPS), SWEEPS)
+    o.sweeps = _names("--sweeps", o.sweeps if o.sweeps is not None else list(DEFAULT_SWEEPS),
+                      SWEEPS)
     given_baselines = o.baselines is not None
     o.baselines = _names("--baselines", o.baselines if given_baselines else list(BASELINES),
                          list(BASELINES))
@@ -155,7 +170,8 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
         setattr(o, name, _int_list(flag, getattr(o, name)))
     for flag, name in (("--width", "width"), ("--width-depth", "width_depth"),
                        ("--size-depth", "size_depth"), ("--timing-steps", "timing_steps"),
-                       ("--quality-steps", "quality_steps"), ("--batch-nodes", "batch_nodes")):
+                       ("--quality-steps", "quality_steps"), ("--batch-nodes", "batch_nodes"),
+                       ("--budget-depth", "budget_depth"), ("--budget-evals", "budget_evals")):
         _positive_int(flag, getattr(o, name))
     _positive_int("--groups", o.groups)
     _positive_int("--cone-nodes", o.cone_nodes, minimum=0)
@@ -169,7 +185,9 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
         raise ValueError(f"--dropout must be in [0, 1), got {o.dropout!r}")
     if not (isinstance(o.lr, (int, float)) and math.isfinite(o.lr) and o.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {o.lr!r}")
-    for flag, value in (("--memory-budget", o.memory_budget_gib), ("--time-budget", o.time_budget)):
+    for flag, value in (("--memory-budget", o.memory_budget_gib), ("--time-budget", o.time_budget),
+                        ("--step-budget", o.step_budget_gib),
+                        ("--train-seconds", o.train_seconds)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be a positive number, got {value!r}")
 
@@ -178,7 +196,10 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
     left_out: dict[str, list[str]] = {}
     for sweep in o.sweeps:
         names = o.quality_baselines if sweep == "quality" else list(o.baselines)
-        if o.quick and not given_baselines and sweep in ("width", "size"):
+        if sweep == "budget" and not given_baselines:
+            # the ladder: gsr-full already holds the top-k of gsr-sparse
+            names = [b for b in names if b != "gsr-sparse"]
+        if o.quick and not given_baselines and sweep in ("width", "size", "budget"):
             for b in names:
                 if b in QUICK_DEPTH_ONLY:
                     left_out.setdefault(b, []).append(sweep)
@@ -191,6 +212,8 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
 
     # the architecture at every width and depth that will be built
     widths = {o.width}
+    if "budget" in o.sweeps:
+        check_spec(o.spec(1), o.sweep_baselines["budget"])
     if "width" in o.sweeps:
         widths |= set(o.widths)
     for width in sorted(widths):
@@ -225,6 +248,37 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
         if both:
             raise ValueError(f"circuit(s) {', '.join(both)} are in both --train and --test")
 
+    if "budget" in o.sweeps:
+        _check_budget_sweep(o)
+
     if os.path.exists(o.out) and not os.path.isdir(o.out):
         raise ValueError(f"--out {o.out} exists and is not a folder; pick another --out")
     return o
+
+
+#: The ITC99 circuits (b01..b22 and their re-syntheses), the budget sweep's training default.
+_ITC99 = r"b\d\d(_.*)?"
+
+
+def _check_budget_sweep(o: BenchOptions) -> None:
+    import re
+
+    from ..circuits import split_by_family
+    from ..train import LABEL_TARGETS
+
+    if o.label not in LABEL_TARGETS:
+        raise ValueError(f"unknown --label {o.label!r}; choose one of {', '.join(LABEL_TARGETS)}")
+    if o.budget_train is None or o.budget_test is None:
+        split = split_by_family()
+        if o.budget_train is None:
+            o.budget_train = [c for c in split.train if re.fullmatch(_ITC99, c)]
+        if o.budget_test is None:
+            o.budget_test = list(split.test)
+    for flag, names in (("--budget-train", o.budget_train), ("--budget-test", o.budget_test)):
+        if not names:
+            raise ValueError(f"{flag} needs at least one circuit")
+        _check_circuits(flag, names)
+    both = sorted(set(o.budget_train) & set(o.budget_test))
+    if both:
+        raise ValueError(f"circuit(s) {', '.join(both)} are in both --budget-train and "
+                         "--budget-test")

@@ -23,6 +23,7 @@ PLOTS = {
     "width": ("memory_vs_width.png",),
     "size": ("memory_vs_nodes.png",),
     "quality": ("quality_vs_depth.png",),
+    "budget": ("budget_sweep.png",),
 }
 
 _SWEEP_TITLES = {"depth": "Depth sweep", "width": "Width sweep", "size": "Circuit size sweep",
@@ -262,6 +263,10 @@ def markdown(results: dict, pictures: list[str]) -> str:
             lines += _memory_section(results, sweep)
     if "quality" in results.get("sweeps", {}):
         lines += _quality_section(results)
+    if "budget" in results.get("sweeps", {}):
+        from .budget_report import budget_section
+
+        lines += budget_section(results)
     if pictures:
         lines += ["## Plots", ""] + [f"![{p[:-4].replace('_', ' ')}]({p})" for p in pictures]
         lines.append("")
@@ -391,4 +396,9 @@ def write_plots(out: str, results: dict) -> list[str]:
             _draw(ax, rows, "quality", key, 1.0, f"test {key.capitalize()}",
                   "residual blocks (depth)", log_y=False, legend=i == 0)
         paths.append(_save(fig, os.path.join(out, PLOTS["quality"][0])))
+    from .budget_report import budget_plot
+
+    budget = budget_plot(out, results)
+    if budget:
+        paths.append(budget)
     return paths

@@ -91,11 +91,17 @@ def _load_workloads(o: BenchOptions, log) -> dict[str, Workload]:
         log(f"loading {name}")
         workloads[name] = circuit_workload(name, o.cone_nodes or None, seed=o.seed,
                                            cache_dir=o.cache_dir, loaded=loaded)
+    circuits = []
     if "quality" in o.sweeps:
+        circuits += list(o.train) + list(o.test)
+    if "budget" in o.sweeps:
+        circuits += list(o.budget_train) + list(o.budget_test)
+    if circuits:
         from ..circuits import load_circuit
 
-        log(f"loading {len(o.train) + len(o.test)} training and test circuits")
-        for name in list(o.train) + list(o.test):  # fills the cache the training processes read
+        circuits = list(dict.fromkeys(circuits))
+        log(f"loading {len(circuits)} training and test circuits")
+        for name in circuits:  # fills the cache the training processes read
             load_circuit(name, labels=(o.label,), cache_dir=o.cache_dir)
     return workloads
 
@@ -157,7 +163,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print,
                                                                         f"{point.label}")
 
     os.makedirs(o.out, exist_ok=True)
-    log(f"gsr bench: {', '.join(o.sweeps)} sweep(s) of {', '.join(o.baselines)} on {o.device}; "
+    running = dict.fromkeys(b for names in o.sweep_baselines.values() for b in names)
+    log(f"gsr bench: {', '.join(o.sweeps)} sweep(s) of {', '.join(running)} on {o.device}; "
         f"results in {o.out}/")
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
@@ -195,6 +202,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print,
                   f"{_architecture(o, o.width)}; every baseline sees the same batches",
                   [SweepPoint(f"depth {d}", {"depth": d}, o.spec(d)) for d in o.quality_depths],
                   lambda baseline, point: runner.train(baseline, point, **job))
+        if "budget" in o.sweeps:
+            _budget_sweep(o, threads, budget, sweep, log)
         results["complete"] = True
     except KeyboardInterrupt:
         results["stopped_because"] = "interrupted"
@@ -212,3 +221,28 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print,
         paths = write_results(o.out, results)
         log("wrote " + ", ".join(paths))
     return results
+
+
+def _budget_sweep(o: BenchOptions, threads: int, budget: Budget, sweep, log) -> None:
+    """The budget sweep (:mod:`.budget_sweep`): one point, every baseline at the same budget."""
+    from .budget_sweep import BudgetSettings, BudgetSweep
+
+    step_budget = int(o.step_budget_gib * 2 ** 30)
+    settings = BudgetSettings(
+        budget_bytes=step_budget, train=list(o.budget_train), test=list(o.budget_test),
+        label=o.label, train_seconds=o.train_seconds, evals=o.budget_evals, lr=o.lr,
+        eval_max_nodes=o.eval_max_nodes, device=o.device, threads=threads, seed=o.seed,
+        cache_dir=o.cache_dir, time_limit=budget.seconds, process_memory=budget.memory_bytes)
+    runner = BudgetSweep(settings, log=log)
+    scoring = ("full graphs" if o.eval_max_nodes is None else
+               f"full graphs up to {o.eval_max_nodes:,} nodes, cone samples beyond")
+    sweep("budget",
+          f"memory budget {format_bytes(step_budget)} per training step (what is resident "
+          "before it plus its measured RSS rise, mmap threshold fixed); depth "
+          f"{o.budget_depth}, width {o.width}, {_architecture(o, o.width)}; training circuits "
+          f"{', '.join(o.budget_train)}; label `{o.label}`; {o.train_seconds:g} s of training "
+          f"per baseline (Adam, lr {o.lr:g}, clipping 1), test Kendall averaged over "
+          f"{', '.join(o.budget_test)} ({scoring}) at {o.budget_evals} points of that clock",
+          [SweepPoint(f"budget {format_bytes(step_budget)}", {"budget_bytes": step_budget},
+                      o.spec(o.budget_depth))],
+          lambda baseline, point: runner.evaluate(baseline, point.spec))
