@@ -365,7 +365,7 @@ class GSRModule(nn.Module):
         return str(report) + ("\n" + "\n".join(choice.lines()) if choice else "")
 
     def verify_gradients(self, inputs, loss_fn=None, *, kwargs: dict | None = None,
-                         tolerance: float | None = None):
+                         tolerance: float | None = None, against: str = "reference"):
         """Runs one step of the compiled model and of its store-everything reference (the same
         architecture keeping every activation, same weights and random numbers) and compares
         every gradient: a :class:`~gsr_compiler.reference.GradientCheck` (print it for a
@@ -377,13 +377,17 @@ class GSRModule(nn.Module):
             kwargs: keyword arguments of the model's forward.
             tolerance: relative error ``GradientCheck.ok`` allows (default
                 ``GSRConfig.drift_tolerance``).
+            against: ``"reference"`` (the store-everything run in the model's dtype) or
+                ``"float64"`` (the same run in float64; a gradient passes when it is as close to
+                it as the model's own dtype lets storing everything be, see
+                :mod:`gsr_compiler.reference`).
         """
         from .reference import verify_gradients
 
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         gm, values = self._graph_for(args, kwargs or {})
         tol = self.config.drift_tolerance if tolerance is None else tolerance
-        return verify_gradients(gm, values, loss_fn, tol)
+        return verify_gradients(gm, values, loss_fn, tol, against)
 
     def precision_report(self) -> str:
         """What each reversible chain's last backward kept for exactness and measured: replayed

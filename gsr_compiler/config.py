@@ -75,12 +75,13 @@ class GSRConfig:
             checking off.
         anchors: where the forward keeps a block's exact input for the backward to resume
             from, so that reconstruction error cannot compound past one segment: ``"auto"``
-            (default) where the rebuild error predicted from the state's growth would pass half
-            of ``drift_tolerance``, an int every that many blocks, ``None`` never. Each anchor
+            (default) where the rebuild error predicted from the state's growth (calibrated by
+            what earlier backwards measured) would pass ``drift_tolerance / 200``, an int every that many blocks, ``None`` never. Each anchor
             keeps one ``[N, D]`` state. ``explain()`` and ``precision_report()`` list them.
         drift_tolerance: warn (``GSRPrecisionWarning``, once per chain) when a backward
             measures a relative reconstruction error above this at an anchor or at the chain
-            input; anchors keep the predicted error under half of it.
+            input; ``"auto"`` anchors keep the predicted error under 1/200 of it
+            (``runtime/drift.py``, ``ANCHOR_SHARE``).
         verify: every backward of a reversible chain also runs it storing everything and
             measures each gradient's relative error against that (``precision_report()``;
             warns above ``drift_tolerance``). It costs the plain model's memory and time: turn

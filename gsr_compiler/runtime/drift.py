@@ -14,7 +14,12 @@ way over the RMS at :math:`i`), leaves a relative error near
 
 with :math:`u` the dtype's unit roundoff: rounding errors of size :math:`uR` add up like a random
 walk, or, where the branches grow the state along itself (no norm), are amplified as much as the
-state grew. Measured here in float32 at the chain input against this prediction: pre-norm SAGE,
+state grew. Branches can amplify errors more than that (ResGEN's GENConv blocks with softmax
+aggregation and BatchNorm, 128 two-stream coupling blocks: measured 14 times the prediction, the
+error growing about as :math:`n^{2.3}` with the segment length). So each chain **calibrates** the
+prediction with what its backwards measure: the prediction is multiplied by the largest ratio of
+measured to predicted error seen so far (:func:`calibrated_scale`, at least 1), and the next
+forward places its anchors and replay margins with it. Measured here in float32 at the chain input against this prediction: pre-norm SAGE,
 2,000 nodes, 1000 blocks (R = 20): 2.4e-4 vs 3.8e-4; the same on b18_Cg, 256 blocks (R = 41):
 3.7e-4 vs 3.9e-4; GIN blocks without a norm, segments growing 64x over 16 blocks: 1.6e-4 vs
 2.5e-4, and 16x over about 10 blocks: 1.4e-5 vs 3e-5. The chain samples the RMS of its state on
@@ -22,8 +27,8 @@ state grew. Measured here in float32 at the chain input against this prediction:
 
 * **Anchors** (:class:`AnchorPolicy`): the forward keeps the exact input of some blocks, and the
   backward resumes from it, so the error cannot compound past one segment. ``"auto"`` keeps one
-  where the predicted error of the segment since the last anchor would pass half the drift
-  tolerance; an integer keeps one every that many blocks.
+  where the predicted error of the segment since the last anchor would pass
+  :data:`ANCHOR_SHARE` of the drift tolerance; an integer keeps one every that many blocks.
 * **Replay margins** (:func:`block_margins`): each block keeps the discrete choices whose margin
   is below 4 times the error predicted at its input (at least ``replay_margin``, at most twice the
   drift tolerance), so that a rebuilt input cannot reach an unrecorded one.
@@ -43,13 +48,23 @@ from torch import Tensor
 
 from .choices import ReplayStats
 
-__all__ = ["PROBE_ROWS", "DRIFT_CONSTANT", "AnchorPolicy", "ChainPrecision", "ForwardGuard",
-           "block_margins", "check_anchors", "drift_findings", "exact_patch", "predicted_errors",
+__all__ = ["PROBE_ROWS", "ANCHOR_SHARE", "DRIFT_CONSTANT", "AnchorPolicy", "ChainPrecision", "ForwardGuard",
+           "block_margins", "calibrated_scale", "check_anchors", "drift_findings", "exact_patch", "predicted_errors",
            "recording_margins", "relative_error", "unit_roundoff"]
 
 #: Rows of the chain input kept to measure the reconstruction error at the end of the backward,
 #: and sampled before every block for the RMS of the state.
 PROBE_ROWS = 64
+
+#: ``"auto"`` anchors keep the predicted rebuild error under this share of ``drift_tolerance``
+#: (5e-6 at the default 1e-3): near the rounding of the float32 forward itself, not at the
+#: warning threshold. Real models amplify a rebuild error far more than pre-norm SAGE does: at
+#: 256 blocks in float32, ResGEN (GENConv, softmax aggregation, BatchNorm), EGC, OGB's GIN with
+#: bond encoders and MemPooling's GAT blocks turned rebuild errors of 1e-4 to 2e-3 into gradient
+#: errors 10 to 10,000 times float32's own (``benchmarks/corpus_exactness.py``); at 5e-6 every
+#: one is within twice it. The price is a few more anchors (pre-norm SAGE, 2,000 nodes: 6 states
+#: at 256 blocks, 18 at 1000).
+ANCHOR_SHARE = 1 / 200
 
 #: ``c`` of the prediction :math:`e \approx c u R \sqrt{n}` (module docstring).
 DRIFT_CONSTANT = 10.0
@@ -72,12 +87,13 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps / 2
 
 
-def predicted_errors(rms: Sequence[float], anchors: Sequence[int], unit: float) -> np.ndarray:
+def predicted_errors(rms: Sequence[float], anchors: Sequence[int], unit: float,
+                     scale: float = 1.0) -> np.ndarray:
     """Predicted relative rebuild error of each block input ``0..L-1``.
 
     ``rms[i]`` is the state's RMS before block ``i`` (``rms[L]``: the chain output); ``anchors``
     the blocks whose exact input is kept. Each block is rebuilt from the next anchor above it,
-    or from the output."""
+    or from the output. ``scale`` is the chain's calibration (:func:`calibrated_scale`)."""
     s = np.asarray(rms, dtype=np.float64)
     depth = len(s) - 1
     errors = np.zeros(depth)
@@ -90,8 +106,8 @@ def predicted_errors(rms: Sequence[float], anchors: Sequence[int], unit: float) 
         own = np.where(seg[:-1] > 0, seg[:-1], np.inf)
         steps = top - np.arange(start, top)
         growth = peak / own
-        errors[start:top] = np.maximum(DRIFT_CONSTANT * unit * growth * np.sqrt(steps),
-                                       unit * growth ** 2)
+        errors[start:top] = scale * np.maximum(DRIFT_CONSTANT * unit * growth * np.sqrt(steps),
+                                               unit * growth ** 2)
         start = top
     return np.nan_to_num(errors, nan=np.inf)
 
@@ -106,7 +122,8 @@ def block_margins(errors: np.ndarray, floor: Optional[float], drift_tolerance: f
 
 
 def recording_margins(previous_rms: Optional[Sequence[float]], depth: int, unit: float,
-                      floor: Optional[float], drift_tolerance: float) -> list[float]:
+                      floor: Optional[float], drift_tolerance: float,
+                      scale: float = 1.0) -> list[float]:
     """The margin each block's forward records below, before the step's own prediction is
     known: from the previous step's RMS profile (the state twice as large relative to each
     block, to be safe), or without one the largest margin (twice ``drift_tolerance``). The
@@ -118,10 +135,20 @@ def recording_margins(previous_rms: Optional[Sequence[float]], depth: int, unit:
     peak = np.maximum.accumulate(s[::-1])[::-1][:-1]
     own = np.where(s[:-1] > 0, s[:-1], np.inf)
     growth = 2 * peak / own
-    estimate = np.maximum(DRIFT_CONSTANT * unit * growth * np.sqrt(depth - np.arange(depth)),
-                          unit * growth ** 2)
+    estimate = scale * np.maximum(
+        DRIFT_CONSTANT * unit * growth * np.sqrt(depth - np.arange(depth)), unit * growth ** 2)
     return list(block_margins(np.nan_to_num(estimate, nan=np.inf), floor,
                               drift_tolerance).values())
+
+
+def calibrated_scale(scale: float, measured: dict[int, float], predicted: dict[int, float]
+                     ) -> float:
+    """The chain's calibration after a backward: ``scale`` (the one its forward predicted with)
+    raised to what the measured rebuild errors need, ``scale * measured / predicted`` at the
+    worst block, never lowered (a prediction the anchors it placed made true must stay)."""
+    ratios = [measured[i] / predicted[i] for i in measured
+              if predicted.get(i, 0.0) > 0.0 and math.isfinite(measured[i])]
+    return max(scale, scale * max(ratios, default=1.0))
 
 
 def relative_error(rebuilt: Tensor, exact: Tensor) -> float:
@@ -163,11 +190,12 @@ class AnchorPolicy:
         unit: the unit roundoff of the chain's dtype.
         limit: ``"auto"`` keeps an anchor before the predicted error of the current segment
             passes this.
+        scale: the chain's calibration of the prediction (:func:`calibrated_scale`).
     """
 
     def __init__(self, setting: AnchorSetting, x_groups: Sequence[Tensor], unit: float,
-                 limit: float) -> None:
-        self.setting, self.unit, self.limit = setting, unit, limit
+                 limit: float, scale: float = 1.0) -> None:
+        self.setting, self.unit, self.limit, self.scale = setting, unit, limit, scale
         self.rows = probe_rows(x_groups[0])
         self.rms = [sampled_rms(x_groups, self.rows)]
         self.anchors: list[int] = []
@@ -195,7 +223,7 @@ class AnchorPolicy:
         else:
             seg = self.rms[self._start:block + 1]
             keep = block > self._start and bool(
-                predicted_errors(seg, [], self.unit).max(initial=0.0) > self.limit)
+                predicted_errors(seg, [], self.unit, self.scale).max(initial=0.0) > self.limit)
         if keep:
             self.anchors.append(block)
             self._start = block
@@ -205,7 +233,7 @@ class AnchorPolicy:
         """After the last block: the predicted error of every block input (0 where every
         block from it up to the next anchor, or the output, is rebuilt exactly)."""
         self.rms.append(sampled_rms(list(output.chunk(1, dim=-1)), self.rows))
-        errors = predicted_errors(self.rms, self.anchors, self.unit)
+        errors = predicted_errors(self.rms, self.anchors, self.unit, self.scale)
         depth = len(self.rms) - 1
         tops = sorted(set(self.anchors)) + [depth]
         inexact = set(self.inexact)
@@ -270,6 +298,8 @@ class ChainPrecision:
         margins: smallest and largest replay margin of the blocks.
         short: blocks whose forward recorded below a smaller margin than their prediction
             asked for (the state grew more than the previous step's suggested).
+        calibration: the factor the forward multiplied the prediction by
+            (:func:`calibrated_scale` of the backwards before it).
     """
 
     replay: Optional[ReplayStats]
@@ -281,6 +311,7 @@ class ChainPrecision:
     predicted: dict[int, float] = field(default_factory=dict)
     margins: tuple[float, float] = (0.0, 0.0)
     short: list[int] = field(default_factory=list)
+    calibration: float = 1.0
 
     @property
     def worst_error(self) -> float:
@@ -308,6 +339,8 @@ class ChainPrecision:
             guess = self.predicted.get(worst)
             parts.append(f"largest reconstruction error {self.errors[worst]:.1e} (block {worst}"
                          + (f", predicted {guess:.1e})" if guess is not None else ")"))
+        if self.calibration != 1.0:
+            parts.append(f"prediction calibrated x{self.calibration:.3g} by earlier backwards")
         if self.gradient_errors:
             worst = max(self.gradient_errors, key=self.gradient_errors.get)
             parts.append(f"verify: largest gradient error {self.gradient_errors[worst]:.1e} "
@@ -348,8 +381,9 @@ def drift_findings(name: str, precision: ChainPrecision, replay_margin: Optional
         found.append(("drift",
             f"{name}: the backward rebuilt the input of block {block} with a relative error of "
             f"{precision.worst_error:.2e}, above drift_tolerance={drift_tolerance:g} (anchors: "
-            f"{len(precision.anchors)}). Keep exact states more often (GSRConfig.anchors=<every "
-            "n blocks>), normalize the branches (activations that grow block after block are "
+            f"{len(precision.anchors)}). The chain's next forwards predict the drift from this "
+            "measurement (with anchors='auto' they keep more anchors). Keep exact states more "
+            "often (GSRConfig.anchors=<every n blocks>), normalize the branches (activations that grow block after block are "
             "what the rebuild loses), train in float32 or wider, or check with "
             "verify_gradients()."))
     return found

@@ -42,9 +42,9 @@ from ..errors import GSRPrecisionWarning
 from .arena.coupling_arena import CouplingScratch
 from .autocast_state import autocast_enabled, capture_autocast, restored_autocast
 from .choices import ChoiceTape
-from .drift import (AnchorPolicy, AnchorSetting, ChainPrecision, ForwardGuard, block_margins,
-                    check_anchors, drift_findings, exact_patch, recording_margins,
-                    relative_error, unit_roundoff)
+from .drift import (ANCHOR_SHARE, AnchorPolicy, AnchorSetting, ChainPrecision, ForwardGuard, block_margins,
+                    calibrated_scale, check_anchors, drift_findings, exact_patch,
+                    recording_margins, relative_error, unit_roundoff)
 from .gradient_slots import GradientSlots
 from .kernels import coupling_add_, coupling_sub_, use_triton
 from .replay import draw_seed, frozen_running_stats, seeded
@@ -276,7 +276,7 @@ class ReversibleChain(nn.Module):
         recording = [None] * self.depth
         if guard is not None and tape is not None:
             recording = recording_margins(self.__dict__.get("_rms_profile"), self.depth, unit,
-                                          margin, tolerance)
+                                          margin, tolerance, guard.policy.scale)
         for i, block in enumerate(self.blocks):
             if guard is not None and i > 0 and guard.policy.wants(i, xs):
                 guard.anchors[i] = [t.clone() for t in xs]
@@ -315,8 +315,11 @@ class ReversibleChain(nn.Module):
     def _new_guard(self, x: Tensor) -> Optional[ForwardGuard]:
         if not self.guarded:
             return None
+        # the calibration the earlier backwards measured (drift.calibrated_scale)
         policy = AnchorPolicy(getattr(self, "anchors", None), list(x.chunk(self.groups, dim=-1)),
-                              unit_roundoff(x.dtype), getattr(self, "drift_tolerance", 1e-3) / 2)
+                              unit_roundoff(x.dtype),
+                              getattr(self, "drift_tolerance", 1e-3) * ANCHOR_SHARE,
+                              self.__dict__.get("_drift_scale", 1.0))
         return ForwardGuard(policy)
 
 
@@ -421,6 +424,7 @@ class _ReversibleChainFunction(torch.autograd.Function):
         kept = {} if fwd_guard is None else fwd_guard.anchors
         ctx.anchor_blocks = sorted(kept)
         ctx.predicted = None if fwd_guard is None else fwd_guard.predicted
+        ctx.calibration = 1.0 if fwd_guard is None else fwd_guard.policy.scale
         guard = [] if fwd_guard is None else [probe_at, probe]
         guard += [t for i in ctx.anchor_blocks for t in kept[i]]
         ctx.patch_keys = [] if fwd_guard is None else sorted(fwd_guard.patches)
@@ -477,7 +481,8 @@ class _ReversibleChainFunction(torch.autograd.Function):
                                 for t in ts),
                 predicted={i: float(predicted[i]) for i in [0, *ctx.anchor_blocks]},
                 margins=(min(margins, default=0.0), max(margins, default=0.0)),
-                short=list(tape.short) if tape is not None else [])
+                short=list(tape.short) if tape is not None else [],
+                calibration=ctx.calibration)
         with chain._scratch("backward", y) as scratch:
             grad_x = _chain_backward(ctx, chain, y, grad_y, side_leaves, slots, scratch,
                                      anchors, precision, guard[:2], patches)
@@ -488,6 +493,10 @@ class _ReversibleChainFunction(torch.autograd.Function):
                                                 grad_x, slots, params)
         if precision is not None:
             chain.last_precision = precision
+            # The next forwards predict with what this one measured.
+            chain.__dict__["_drift_scale"] = max(
+                chain.__dict__.get("_drift_scale", 1.0),
+                calibrated_scale(precision.calibration, precision.errors, precision.predicted))
             chain._warn_about(precision)
         side_grads = [slots.get(s) if isinstance(s, Tensor) else None for s in side_leaves]
         return (None, None, grad_x, *side_grads, *[slots.get(p) for p in params])

@@ -30,6 +30,11 @@ CONVERTING = [name for name in CORPUS if EXPECTED[name] == "converts"]
 # Checks that fail on the current code, (model, check) -> why. Shrink this as fixes land.
 # ---------------------------------------------------------------------------------------------
 FAILS_TODAY: dict[tuple[str, str], str] = {
+    ("resgen_arxiv", "deep_float32"):
+        "with 2 threads the backward's gradients of blocks 122-166 are up to 1e-2 off (float32's "
+        "own error there: 2e-4), also with an anchor at every block (rebuild error 2e-7): not "
+        "drift; the recompute differs from the forward there, not yet explained. Passes with 1 "
+        "thread. docs/exactness.md, Known gap",
 }
 # ---------------------------------------------------------------------------------------------
 
@@ -157,3 +162,86 @@ def test_saved_bytes_never_above_eager_and_halved_where_converted(name):
     assert compiled_bytes <= eager_bytes, (compiled_bytes, eager_bytes, gsr.explain())
     if gsr.report.chains or EXPECTED[name] == "converts":
         assert 2 * compiled_bytes <= eager_bytes, (compiled_bytes, eager_bytes, gsr.explain())
+
+
+# ---------------------------------------------------------------------------------------------
+# At depth, in float32: as exact as storing everything in float32 is.
+# ---------------------------------------------------------------------------------------------
+DEEP, DEEP_WIDTH = 256, 16
+
+@pytest.fixture
+def two_threads():
+    """Rounding depends on the thread count: the deep checks run with 2, as CI's machine does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# The model as written overflows before 256 blocks (its loss is inf at 128), so no gradient of
+# it, stored or rebuilt, means anything there: test_diverges_as_written checks it still does.
+DIVERGES_AS_WRITTEN = {"gcn2_ppi"}
+
+
+@pytest.mark.parametrize("name", cases("deep_float32", [n for n in CONVERTING
+                                                        if n not in DIVERGES_AS_WRITTEN]))
+def test_float32_gradients_at_256_blocks_as_exact_as_storing_everything(name, two_threads):
+    """The first step, with the default guard: every gradient is within 1e-3 of the float64
+    store-everything run, or within twice the error storing everything in float32 has (the
+    deep corpus models are ill-conditioned enough that float32 autograd itself is 1e-2 to 1
+    off on some gradients: reference.py). Before the anchor target moved to 1/200 of the
+    drift tolerance, resgen_arxiv, egc, mem_pool and pcqm4m_gin failed this."""
+    model, inputs = build(name, depth=DEEP, width=DEEP_WIDTH)
+    gsr = gsr_compile(model, example_inputs=inputs)
+    assert gsr.report.chains, gsr.explain()
+    check = gsr.verify_gradients(inputs, loss_fn=scalar_loss, against="float64")
+    assert check.errors, "no gradient was compared"
+    assert check.ok, str(check)
+
+
+def test_the_deep_check_fails_without_anchors():
+    """What makes the check above pass is the guard: without anchors, EGC's rebuilt chain input
+    drifts and its first layers' gradients leave float32's own error far behind."""
+    model, inputs = build("egc", depth=DEEP, width=DEEP_WIDTH)
+    gsr = gsr_compile(model, example_inputs=inputs, anchors=None)
+    check = gsr.verify_gradients(inputs, loss_fn=scalar_loss, against="float64")
+    assert not check.ok and len(check.failing) > 5, str(check)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGES_AS_WRITTEN))
+def test_diverges_as_written(name):
+    model, inputs = build(name, depth=DEEP, width=DEEP_WIDTH)
+    with torch.no_grad():
+        out = model(*inputs)
+    assert not all(bool(torch.isfinite(t).all()) for t in float_tensors(out))
+
+
+def test_drift_prediction_is_calibrated_by_what_the_backward_measured(one_thread):
+    """ResGEN's two-stream chain rebuilds its input with more error than the growth of its
+    state predicts (with 1 thread: 2.1x; with 2 the rounding differs and the prediction holds):
+    the backward measures it, and the next forward predicts with the measured ratio, keeps
+    more anchors and brings the rebuild error under its target."""
+    from gsr_compiler.runtime.drift import ANCHOR_SHARE
+    from gsr_compiler.runtime.reversible import ReversibleChain
+
+    model, inputs = build("resgen_arxiv", depth=DEEP, width=DEEP_WIDTH)
+    gsr = gsr_compile(model, example_inputs=inputs)
+    chain = next(m for m in gsr.modules() if isinstance(m, ReversibleChain))
+    scalar_loss(gsr(*inputs)).backward()
+    first = chain.last_precision
+    ratio = max(first.errors[i] / first.predicted[i] for i in first.errors)
+    assert ratio > 1.5, first.summary()  # under-predicted
+    assert chain._drift_scale == pytest.approx(ratio)
+    scalar_loss(gsr(*inputs)).backward()
+    second = chain.last_precision
+    assert second.calibration == pytest.approx(ratio)
+    assert len(second.anchors) > len(first.anchors), (first.summary(), second.summary())
+    assert second.worst_error <= 2 * chain.drift_tolerance * ANCHOR_SHARE, second.summary()

@@ -8,7 +8,8 @@ import torch
 
 from gsr_compiler.runtime.choices import ChoiceTape
 from gsr_compiler.runtime.drift import (DRIFT_CONSTANT, AnchorPolicy, block_margins,
-                                        predicted_errors, recording_margins, unit_roundoff)
+                                        calibrated_scale, predicted_errors, recording_margins,
+                                        unit_roundoff)
 from gsr_compiler.runtime.replayed_relu import ReplayedReLU
 
 U = unit_roundoff(torch.float32)
@@ -83,6 +84,39 @@ def test_auto_anchors_where_the_predicted_error_passes_the_limit():
         patched.note_exact(i - 1, True)
         assert not patched.wants(i, [t * 2 ** i for t in xs])
     assert patched.finish(xs[0] * 2 ** 40).max() == 0.0
+
+
+def test_calibration_rises_to_the_measured_error_and_never_falls():
+    # measured 14x the prediction at block 0: the next forwards predict 14x more
+    assert calibrated_scale(1.0, {0: 1.4e-3}, {0: 1e-4}) == pytest.approx(14.0)
+    # the prediction it made was already calibrated x3: the new factor is relative to that
+    assert calibrated_scale(3.0, {0: 2e-4, 8: 1e-5}, {0: 1e-4, 8: 1e-4}) == pytest.approx(6.0)
+    # anchors placed with the calibration made the errors small: the factor stays
+    assert calibrated_scale(6.0, {0: 1e-7}, {0: 1e-5}) == 6.0
+    # blocks rebuilt exactly (predicted 0) and unmeasurable errors say nothing
+    assert calibrated_scale(1.0, {0: 1e-3, 4: math.inf}, {0: 0.0, 4: 1e-4}) == 1.0
+
+
+def test_a_calibrated_prediction_keeps_more_anchors():
+    xs = [torch.ones(100, 4), torch.ones(100, 4)]
+
+    def anchors(scale):
+        policy = AnchorPolicy("auto", xs, U, 1e-5, scale)
+        kept = []
+        for i in range(1, 200):  # slow growth, every update rounds
+            policy.note_exact(i - 1, False)
+            if policy.wants(i, [t * (1 + i / 50) for t in xs]):
+                kept.append(i)
+        return kept, policy.finish(xs[0] * 5)
+
+    plain, plain_errors = anchors(1.0)
+    scaled, scaled_errors = anchors(14.0)
+    assert len(scaled) > len(plain)
+    assert scaled_errors.max() <= 1e-5 * 1.5  # what the scaled prediction allows
+    np.testing.assert_allclose(predicted_errors([1.0, 2.0, 4.0], [], U, 14.0),
+                               14.0 * predicted_errors([1.0, 2.0, 4.0], [], U))
+    assert min(recording_margins([1.0] * 11, 10, U, 1e-6, 1e-3, 1e3)) > \
+        min(recording_margins([1.0] * 11, 10, U, 1e-6, 1e-3))
 
 
 def test_tape_keeps_only_the_choices_below_each_blocks_margin():
