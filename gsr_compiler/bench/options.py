@@ -240,13 +240,7 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
             split = split_by_family()
             o.train = split.train if o.train is None else o.train
             o.test = split.test if o.test is None else o.test
-        for flag, names in (("--train", o.train), ("--test", o.test)):
-            if not names:
-                raise ValueError(f"{flag} needs at least one circuit")
-            _check_circuits(flag, names)
-        both = sorted(set(o.train) & set(o.test))
-        if both:
-            raise ValueError(f"circuit(s) {', '.join(both)} are in both --train and --test")
+        _check_split("--train", o.train, "--test", o.test)
 
     if "budget" in o.sweeps:
         _check_budget_sweep(o)
@@ -254,6 +248,17 @@ def resolve_options(options: BenchOptions) -> BenchOptions:
     if os.path.exists(o.out) and not os.path.isdir(o.out):
         raise ValueError(f"--out {o.out} exists and is not a folder; pick another --out")
     return o
+
+
+def _check_split(train_flag: str, train: list, test_flag: str, test: list) -> None:
+    """Both lists name known circuits, at least one each, none in both."""
+    for flag, names in ((train_flag, train), (test_flag, test)):
+        if not names:
+            raise ValueError(f"{flag} needs at least one circuit")
+        _check_circuits(flag, names)
+    both = sorted(set(train) & set(test))
+    if both:
+        raise ValueError(f"circuit(s) {', '.join(both)} are in both {train_flag} and {test_flag}")
 
 
 #: The ITC99 circuits (b01..b22 and their re-syntheses), the budget sweep's training default.
@@ -274,11 +279,4 @@ def _check_budget_sweep(o: BenchOptions) -> None:
             o.budget_train = [c for c in split.train if re.fullmatch(_ITC99, c)]
         if o.budget_test is None:
             o.budget_test = list(split.test)
-    for flag, names in (("--budget-train", o.budget_train), ("--budget-test", o.budget_test)):
-        if not names:
-            raise ValueError(f"{flag} needs at least one circuit")
-        _check_circuits(flag, names)
-    both = sorted(set(o.budget_train) & set(o.budget_test))
-    if both:
-        raise ValueError(f"circuit(s) {', '.join(both)} are in both --budget-train and "
-                         "--budget-test")
+    _check_split("--budget-train", o.budget_train, "--budget-test", o.budget_test)

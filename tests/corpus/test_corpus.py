@@ -169,21 +169,22 @@ def test_saved_bytes_never_above_eager_and_halved_where_converted(name):
 # ---------------------------------------------------------------------------------------------
 DEEP, DEEP_WIDTH = 256, 16
 
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def two_threads():
     """Rounding depends on the thread count: the deep checks run with 2, as CI's machine does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    yield from _threads(2)
 
 
 @pytest.fixture
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from _threads(1)
 
 
 # The model as written overflows before 256 blocks (its loss is inf at 128), so no gradient of
