@@ -76,12 +76,12 @@ class GSRConfig:
         anchors: where the forward keeps a block's exact input for the backward to resume
             from, so that reconstruction error cannot compound past one segment: ``"auto"``
             (default) where the rebuild error predicted from the state's growth (calibrated by
-            what earlier backwards measured) would pass ``drift_tolerance / 200``, an int every that many blocks, ``None`` never. Each anchor
+            what earlier backwards measured) would pass half of ``drift_tolerance``, an int every that many blocks, ``None`` never. Each anchor
             keeps one ``[N, D]`` state. ``explain()`` and ``precision_report()`` list them.
         drift_tolerance: warn (``GSRPrecisionWarning``, once per chain) when a backward
             measures a relative reconstruction error above this at an anchor or at the chain
-            input; ``"auto"`` anchors keep the predicted error under 1/200 of it
-            (``runtime/drift.py``, ``ANCHOR_SHARE``).
+            input; ``"auto"`` anchors keep the predicted error under half of it. Deep
+            ill-conditioned models need 1e-5 for exact gradients (docs/exactness.md).
         verify: every backward of a reversible chain also runs it storing everything and
             measures each gradient's relative error against that (``precision_report()``;
             warns above ``drift_tolerance``). It costs the plain model's memory and time: turn

@@ -195,15 +195,17 @@ DIVERGES_AS_WRITTEN = {"gcn2_ppi"}
 @pytest.mark.parametrize("name", cases("deep_float32", [n for n in CONVERTING
                                                         if n not in DIVERGES_AS_WRITTEN]))
 def test_float32_gradients_at_256_blocks_as_exact_as_storing_everything(name, two_threads):
-    """The first step, with the default guard: every gradient is within 1e-3 of the float64
-    store-everything run, or within twice the error storing everything in float32 has (the
-    deep corpus models are ill-conditioned enough that float32 autograd itself is 1e-2 to 1
-    off on some gradients: reference.py). Before the anchor target moved to 1/200 of the
-    drift tolerance, resgen_arxiv, egc, mem_pool and pcqm4m_gin failed this."""
+    """The first step, with ``drift_tolerance=1e-5``: every gradient is within 1e-3 of the
+    float64 store-everything run, or within twice the error storing everything in float32 has
+    (the deep corpus models are ill-conditioned enough that float32 autograd itself is 1e-2 to
+    1 off on some gradients: reference.py). With the default 1e-3, resgen_arxiv, egc, mem_pool
+    and pcqm4m_gin fail this (docs/exactness.md)."""
     model, inputs = build(name, depth=DEEP, width=DEEP_WIDTH)
-    gsr = gsr_compile(model, example_inputs=inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rebuild errors above 1e-5 are warned about
+        gsr = gsr_compile(model, example_inputs=inputs, drift_tolerance=1e-5)
     assert gsr.report.chains, gsr.explain()
-    check = gsr.verify_gradients(inputs, loss_fn=scalar_loss, against="float64")
+    check = gsr.verify_gradients(inputs, loss_fn=scalar_loss, tolerance=1e-3, against="float64")
     assert check.errors, "no gradient was compared"
     assert check.ok, str(check)
 
@@ -212,8 +214,8 @@ def test_the_deep_check_fails_without_anchors():
     """What makes the check above pass is the guard: without anchors, EGC's rebuilt chain input
     drifts and its first layers' gradients leave float32's own error far behind."""
     model, inputs = build("egc", depth=DEEP, width=DEEP_WIDTH)
-    gsr = gsr_compile(model, example_inputs=inputs, anchors=None)
-    check = gsr.verify_gradients(inputs, loss_fn=scalar_loss, against="float64")
+    gsr = gsr_compile(model, example_inputs=inputs, anchors=None, drift_tolerance=1e-5)
+    check = gsr.verify_gradients(inputs, loss_fn=scalar_loss, tolerance=1e-3, against="float64")
     assert not check.ok and len(check.failing) > 5, str(check)
 
 
