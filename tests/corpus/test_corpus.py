@@ -229,7 +229,7 @@ def test_diverges_as_written(name):
 
 def test_drift_prediction_is_calibrated_by_what_the_backward_measured(one_thread):
     """ResGEN's two-stream chain rebuilds its input with more error than the growth of its
-    state predicts (with 1 thread: 2.1x; with 2 the rounding differs and the prediction holds):
+    state predicts (with 1 thread: 13.9x at the input; with 2 threads it can differ):
     the backward measures it, and the next forward predicts with the measured ratio, keeps
     more anchors and brings the rebuild error under its target."""
     from gsr_compiler.runtime.drift import ANCHOR_SHARE
